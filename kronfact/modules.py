@@ -39,7 +39,7 @@ def count_parameters(model: nn.Module) -> int:
     """
     seen: set[tuple[int, int]] = set()
     total = 0
-    for p in model.parameters(remove_duplicate=False):
+    for _, p in model.named_parameters(remove_duplicate=False):
         key = (p.untyped_storage().data_ptr(), p.storage_offset()) if p.device.type != "meta" else (id(p), 0)
         if key not in seen:
             seen.add(key)
