@@ -23,8 +23,11 @@ INITS: tuple[str, ...] = ("vanloan", "prune", "random")
 # Exact SVD when its cost (p·q·min(p, q) multiply-adds for a p×q matrix) stays below this, or when
 # the rank asked for is a sizeable part of the spectrum; randomized subspace iteration otherwise.
 _EXACT_SVD_COST = 2e8
-# Randomized SVD stops once the captured energy Σσ_i² changes by less than this, relative.
-RANDOMIZED_RTOL = 1e-7
+# At most this many columns (or rows): exact SVD via the float64 Gram matrix.
+_GRAM_MAX_DIM = 4
+# Randomized SVD stops once an iteration changes the residual error² by less than this fraction
+# of it (so the error itself moves by < RANDOMIZED_RTOL / 2 relative per iteration).
+RANDOMIZED_RTOL = 1e-4
 
 
 class FactorShape(NamedTuple):
@@ -185,12 +188,13 @@ def _sign_fix(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return u * signs, v * signs
 
 
-def _randomized_svd(r_mat: Tensor, rank: int, rtol: float, max_iter: int = 30) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-`rank` singular triplets by subspace iteration, stopped when Σσ_i² converges.
+def _randomized_svd(r_mat: Tensor, rank: int, total_sq: float, rtol: float,
+                    max_iter: int = 30) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-`rank` singular triplets by subspace iteration, stopped when the residual converges.
 
     Oversampled block (rank + 8 columns, seeded start, QR re-orthonormalization each half-step).
-    The result is an orthogonal projection of R, so its error² is exactly ‖R‖² − Σσ_i²: the stop
-    rule bounds how far that is from the optimum's.
+    The result is an orthogonal projection of R, so its error² is exactly ‖R‖² − Σσ_i²
+    (``total_sq`` = ‖R‖²); iteration stops when an iteration changes that by < rtol of itself.
     """
     p, q = r_mat.shape
     k = min(rank + 8, min(p, q))
@@ -202,31 +206,51 @@ def _randomized_svd(r_mat: Tensor, rank: int, rtol: float, max_iter: int = 30) -
         z = torch.linalg.qr(r_mat.T @ qmat).Q
         qmat = torch.linalg.qr(r_mat @ z).Q
         s = torch.linalg.svdvals(qmat.T @ r_mat)[:rank]
-        new_energy = float(s.square().sum())
-        if abs(new_energy - energy) <= rtol * new_energy:
+        new_energy = float(s.to(torch.float64).square().sum())
+        if abs(new_energy - energy) <= rtol * max(total_sq - new_energy, 1e-12 * total_sq):
             break
         energy = new_energy
     u_small, s, vh = torch.linalg.svd(qmat.T @ r_mat, full_matrices=False)
     return (qmat @ u_small[:, :rank]), s[:rank], vh[:rank].T
 
 
-def top_singular(r_mat: Tensor, rank: int, method: str = "auto") -> tuple[Tensor, Tensor, Tensor, float]:
+def _norm_sq(x: Tensor) -> float:
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+
+
+def top_singular(r_mat: Tensor, rank: int, method: str = "auto",
+                 total_sq: float | None = None) -> tuple[Tensor, Tensor, Tensor, float]:
     """Top singular triplets of a p×q matrix, exact or randomized, signs fixed.
 
     Returns u (p, rank), s (rank,), v (q, rank) and the squared Frobenius error of u·diag(s)·vᵀ.
+    ``total_sq`` (‖r_mat‖², computed if not given) saves a pass over a large matrix.
     """
     p, q = r_mat.shape
     if method == "auto":
         small = p * q * min(p, q) <= _EXACT_SVD_COST or 4 * rank >= min(p, q)
         method = "exact" if small else "randomized"
-    if method == "exact":
+    if method == "exact" and min(p, q) <= _GRAM_MAX_DIM:
+        # Very skinny R (e.g. B of 1×4): eigendecomposition of the tiny float64 Gram matrix is exact
+        # to float64 rounding and several times faster than a Householder SVD of the tall matrix.
+        flip = p < q
+        m64 = (r_mat.T if flip else r_mat).to(torch.float64)
+        evals, evecs = torch.linalg.eigh(m64.T @ m64)
+        s_all = evals.flip(0).clamp_min(0).sqrt()
+        v = evecs.flip(1)[:, :rank]
+        s = s_all[:rank]
+        u = (m64 @ v) / torch.where(s > 0, s, torch.ones_like(s))
+        err_sq = float(s_all[rank:].square().sum())
+        u, v = (v, u) if flip else (u, v)
+        u, s, v = u.to(r_mat.dtype), s.to(r_mat.dtype), v.to(r_mat.dtype)
+    elif method == "exact":
         u, s, vh = torch.linalg.svd(r_mat, full_matrices=False)
         err_sq = float(s[rank:].to(torch.float64).square().sum())
         u, s, v = u[:, :rank], s[:rank], vh[:rank].T
     elif method == "randomized":
-        u, s, v = _randomized_svd(r_mat, rank, RANDOMIZED_RTOL)
-        total = float(r_mat.to(torch.float64).square().sum())
-        err_sq = max(total - float(s.to(torch.float64).square().sum()), 0.0)
+        if total_sq is None:
+            total_sq = _norm_sq(r_mat)
+        u, s, v = _randomized_svd(r_mat, rank, total_sq, RANDOMIZED_RTOL)
+        err_sq = max(total_sq - float(s.to(torch.float64).square().sum()), 0.0)
     else:
         raise ValueError(f"svd method must be 'auto', 'exact' or 'randomized', got {method!r}")
     u, v = _sign_fix(u, v)
@@ -270,8 +294,9 @@ def decompose(
 
     w = weight.detach().to(_compute_dtype(weight))
     r_mat = rearrange(w, shape_a)
+    norm_sq = _norm_sq(w)
     if init == "vanloan":
-        u, s, v, err_sq = top_singular(r_mat, rank, svd)
+        u, s, v, err_sq = top_singular(r_mat, rank, svd, norm_sq)
         root = s.clamp_min(0).sqrt()
         a = (u * root).T.reshape(rank, *shape_a)
         b = (v * root).T.reshape(rank, *shape_b)
@@ -279,7 +304,7 @@ def decompose(
         cols = _prune_columns(r_mat, rank, shape_b, prune_index)
         dropped = torch.ones(r_mat.shape[1], dtype=torch.bool, device=w.device)
         dropped[cols] = False
-        err_sq = float(r_mat[:, dropped].to(torch.float64).square().sum())
+        err_sq = _norm_sq(r_mat[:, dropped])
         a = r_mat[:, cols].T.reshape(rank, *shape_a)
         b = torch.zeros(rank, shape_b[0] * shape_b[1], dtype=w.dtype, device=w.device)
         b[torch.arange(rank, device=w.device), cols] = 1
@@ -295,8 +320,7 @@ def decompose(
     if err_sq is None or weight.dtype not in (torch.float32, torch.float64):
         rel = relative_error(weight, a, b)  # measured: random factors, or rounding to a low-precision dtype
     else:
-        norm = float(w.to(torch.float64).norm())
-        rel = math.sqrt(err_sq) / norm if norm > 0 else 0.0
+        rel = math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0
     return KronFactors(a=a, b=b, rel_error=rel, init=init)
 
 

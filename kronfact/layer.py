@@ -55,7 +55,7 @@ class Op:
         if not self.k:  # layout copy: read + write
             return 2 * self.m * elem_bytes * balance
         traffic = (self.m * self.k + self.k * self.n + self.m * self.n) * elem_bytes
-        speed = min(1.0, min(self.m, self.k, self.n) / _GEMM_FULL_SPEED_DIM)
+        speed = min(1.0, max(1, min(self.m, self.k, self.n)) / _GEMM_FULL_SPEED_DIM)
         return max(self.flops / speed, traffic * balance)
 
 

@@ -1,0 +1,164 @@
+"""KronLinear equals its dense equivalent on every path; the planner; compile; bad input."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import kronfact
+from kronfact.layer import PATHS, KronLinear, path_ops, plan
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+
+@st.composite
+def layer_case(draw):
+    m1, n1, m2, n2 = (draw(st.integers(1, 6)) for _ in range(4))
+    rank = draw(st.integers(1, min(m1 * n1, m2 * n2, 3)))
+    lead = draw(st.lists(st.integers(0, 4), min_size=0, max_size=2))
+    return m1, n1, m2, n2, rank, tuple(lead), draw(st.integers(0, 2**31)), draw(st.booleans())
+
+
+def _layer(m1, n1, m2, n2, rank, bias, dtype, path, seed):
+    torch.manual_seed(seed)
+    return KronLinear(n1 * n2, m1 * m2, (m1, n1), rank, bias=bias, dtype=dtype, path=path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", list(TOL))
+@given(case=layer_case())
+@settings(max_examples=25, deadline=None)
+def test_forward_equals_dense_on_every_path(path, dtype, case):
+    m1, n1, m2, n2, rank, lead, seed, bias = case
+    layer = _layer(m1, n1, m2, n2, rank, bias, dtype, path, seed)
+    x = torch.randn(*lead, n1 * n2, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    y = layer(x)
+    assert y.shape == (*lead, m1 * m2) and y.dtype == dtype
+    w = layer.to_dense().double()
+    ref = x.double() @ w.T + (layer.bias.double() if bias else 0)
+    scale = 1 + float(x.double().abs().sum(-1).max() * w.detach().abs().max()) if x.numel() else 1
+    torch.testing.assert_close(y.double(), ref, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@given(case=layer_case())
+@settings(max_examples=25, deadline=None)
+def test_gradients_equal_the_dense_equivalent_on_every_path(path, case):
+    m1, n1, m2, n2, rank, lead, seed, bias = case
+    layer = _layer(m1, n1, m2, n2, rank, bias, torch.float64, path, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*lead, n1 * n2, generator=g, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(*lead, m1 * m2, generator=g, dtype=torch.float64)
+    (layer(x) * upstream).sum().backward()
+
+    a, b = layer.a.detach().clone().requires_grad_(), layer.b.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    bias2 = layer.bias.detach().clone().requires_grad_() if bias else None
+    w = sum(torch.kron(a[i], b[i]) for i in range(rank))
+    (nn.functional.linear(x2, w, bias2) * upstream).sum().backward()
+    for got, want in [(x.grad, x2.grad), (layer.a.grad, a.grad), (layer.b.grad, b.grad)] + (
+        [(layer.bias.grad, bias2.grad)] if bias else []
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_every_parameter_receives_a_gradient_on_every_path():
+    for path in PATHS:
+        layer = KronLinear(12, 20, (4, 3), rank=2, path=path)
+        layer(torch.randn(3, 12)).square().sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters()), path
+
+
+@given(m1=st.integers(1, 64), n1=st.integers(1, 64), m2=st.integers(1, 64), n2=st.integers(1, 64),
+       r=st.integers(1, 4), t=st.integers(1, 4096))
+@settings(max_examples=100, deadline=None)
+def test_cost_model_counts_the_documented_flops(m1, n1, m2, n2, r, t):
+    def gemm_flops(path):
+        return sum(op.flops for op in path_ops(path, t, r, (m1, n1), (m2, n2), cached_dense=True))
+
+    assert gemm_flops("b_first") == t * r * 2 * m2 * n1 * (n2 + m1)
+    assert gemm_flops("a_first") == t * r * 2 * m1 * n2 * (n1 + m2)
+    assert gemm_flops("dense") == t * 2 * m1 * m2 * n1 * n2
+    assert plan(t, r, (m1, n1), (m2, n2)) in PATHS
+
+
+def test_planner_prefers_the_cheap_order_and_dense_when_nothing_saves():
+    # Krony-PT 81M c_fc (ours: A 768×768, B 4×1): A-first is 4× fewer FLOPs; c_proj mirrored: B-first.
+    assert plan(4096, 1, (768, 768), (4, 1)) == "a_first"
+    assert plan(4096, 1, (768, 768), (1, 4)) == "b_first"
+    # Krony-PT 92M (256×1024 ⊗ 3×3, rank 4) costs more FLOPs than the dense layer in either order.
+    assert plan(4096, 4, (1024, 256), (3, 3), cached_dense=True) == "dense"
+
+
+def test_from_linear_to_linear_and_dense_agree():
+    linear = nn.Linear(12, 20)
+    layer = KronLinear.from_linear(linear, (4, 3), rank=12)  # full rank: exact
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.to_linear()(x), layer(x), rtol=1e-5, atol=1e-5)
+    assert layer.to_dense().shape == (20, 12)
+    assert "shape_a=(4, 3), shape_b=(5, 4), rank=12" in repr(layer)
+
+
+def test_eval_cache_follows_parameter_updates():
+    layer = KronLinear(12, 20, (4, 3), rank=4, path="dense").eval()
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        first = layer(x)
+        layer.a.mul_(2)
+        second = layer(x)
+    torch.testing.assert_close(second - layer.bias, 2 * (first - layer.bias))
+
+
+def test_empty_batch_and_autocast():
+    layer = KronLinear(12, 20, (4, 3), rank=2)
+    assert layer(torch.randn(0, 12)).shape == (0, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(3, 12))
+    assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiles_without_graph_breaks_and_trains(dtype):
+    torch._dynamo.reset()
+    model = nn.Sequential(
+        KronLinear(32, 64, (8, 8), 1, path="a_first"), nn.GELU(),
+        KronLinear(64, 32, (8, 8), 2, path="b_first"), nn.GELU(),
+        KronLinear(32, 48, (4, 4), 3),
+    ).to(dtype)
+    x = torch.randn(2, 7, 32, dtype=dtype)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
+    out = compiled(x)
+    torch.testing.assert_close(out, eager, rtol=TOL[dtype], atol=TOL[dtype] * 10)
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ((12, 20, (3, 4), 1), r"shape_a=\(3, 4\) does not divide"),
+        ((12, 20, (4, 3), 13), r"rank must be an int in \[1, 12\]"),
+        ((12, 20, (4, 3), 1, True, None, None, "fast"), r"path must be 'auto' or one of"),
+    ],
+)
+def test_bad_construction_is_a_clear_error(args, message):
+    with pytest.raises(ValueError, match=message):
+        KronLinear(*args)
+
+
+def test_bad_inputs_to_forward_are_clear_errors():
+    layer = KronLinear(12, 20, (4, 3), rank=1)
+    with pytest.raises(ValueError, match=r"expects inputs \(\.\.\., 12\)"):
+        layer(torch.randn(3, 10))
+    with pytest.raises(ValueError, match="float64 input"):
+        layer(torch.randn(3, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match="expects an nn.Linear"):
+        KronLinear.from_linear(nn.Conv2d(1, 1, 1), (1, 1))
+
+
+def test_public_api_is_exported():
+    for name in ["KronLinear", "decompose", "factor_shapes", "kron_spectrum", "KronFactors"]:
+        assert hasattr(kronfact, name)
