@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-HEADER = "# kronfact — measured results\n\nEvery table below was produced by the command above it, on the machine it names.\n"
+HEADER = ("# kronfact — measured results\n\n"
+          "Every table below was produced by the command above it, on the machine it names.\n")
 
 
 def machine() -> str:

@@ -11,8 +11,9 @@ approximation of R(W). Its Frobenius error is √(Σ_{k≥r} σ_k²) of R(W)'s s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor

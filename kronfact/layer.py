@@ -9,8 +9,9 @@ roofline cost model that counts the FLOPs and the bytes of every GEMM and every 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +143,14 @@ class KronLinear(nn.Module):
     ``path`` = "auto" (default) picks dense, B-first or A-first per call from the number of tokens
     (:func:`plan`); a fixed path may be forced for benchmarks. In eval mode without autograd the
     dense weight is cached while the factors are unchanged.
+
+    Optional permutations (buffers, None by default; set by :meth:`set_permutations`): ``in_perm``
+    (in_features,) and ``out_perm`` (out_features,) int64 index vectors, both applied as gathers,
+
+        y = (x[..., in_perm] · Kᵀ)[..., out_perm] + bias,    K = Σ_i a[i] ⊗ b[i],
+
+    so the layer's weight is W̃ = K[out_perm][:, in_perm⁻¹], i.e. W̃[o, in_perm[j]] = K[out_perm[o], j]
+    (:meth:`to_dense`). A permutation search (kronfact.permute) fits K to W[out_perm⁻¹][:, in_perm].
     """
 
     def __init__(self, in_features: int, out_features: int, shape_a: Sequence[int], rank: int = 1,
@@ -164,6 +173,8 @@ class KronLinear(nn.Module):
         self.a = nn.Parameter(torch.empty(rank, m1, n1, **kw))
         self.b = nn.Parameter(torch.empty(rank, m2, n2, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.register_buffer("in_perm", None)
+        self.register_buffer("out_perm", None)
         self._dense_cache: tuple[tuple, Tensor] | None = None
         self.reset_parameters()
 
@@ -186,10 +197,34 @@ class KronLinear(nn.Module):
                 self.bias.uniform_(-bound, bound)
         self._dense_cache = None
 
+    def _check_perm(self, perm: Tensor | None, size: int, what: str) -> Tensor | None:
+        if perm is None:
+            return None
+        if (not isinstance(perm, Tensor) or perm.dim() != 1 or perm.shape[0] != size
+                or perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool):
+            shape = tuple(perm.shape) if isinstance(perm, Tensor) else type(perm).__name__
+            raise ValueError(f"{what} must be an integer tensor of shape ({size},), got {shape}")
+        perm = perm.detach().to(device=self.a.device, dtype=torch.long)
+        if not torch.equal(torch.sort(perm).values, torch.arange(size, device=perm.device)):
+            raise ValueError(f"{what} is not a permutation of 0…{size - 1} (repeated or out-of-range indices)")
+        return perm.clone()
+
+    def set_permutations(self, in_perm: Tensor | None = None, out_perm: Tensor | None = None) -> KronLinear:
+        """Set (or, with None, remove) the gather indices ``in_perm`` (in_features,) and ``out_perm``
+        (out_features,); see the class docstring. They are buffers: saved in ``state_dict``, moved by
+        ``.to()``. Returns ``self``."""
+        in_perm = self._check_perm(in_perm, self.in_features, "in_perm")
+        out_perm = self._check_perm(out_perm, self.out_features, "out_perm")
+        self.in_perm, self.out_perm = in_perm, out_perm
+        self._dense_cache = None
+        return self
+
     @classmethod
     def from_factors(cls, factors: KronFactors, bias: Tensor | None = None, path: str = "auto",
-                     orientation: str = "linear") -> "KronLinear":
-        """A layer holding ``factors`` (copied) and ``bias`` (out_features,) if given."""
+                     orientation: str = "linear", in_perm: Tensor | None = None,
+                     out_perm: Tensor | None = None) -> KronLinear:
+        """A layer holding ``factors`` (copied), ``bias`` (out_features,) if given, and the optional
+        permutations ``in_perm`` (in_features,), ``out_perm`` (out_features,) (:meth:`set_permutations`)."""
         (m1, n1), (m2, n2) = factors.shape_a, factors.shape_b
         layer = cls(n1 * n2, m1 * m2, (m1, n1), factors.rank, bias=bias is not None,
                     device=factors.a.device, dtype=factors.a.dtype, path=path, orientation=orientation)
@@ -198,11 +233,11 @@ class KronLinear(nn.Module):
             layer.b.copy_(factors.b)
             if bias is not None:
                 layer.bias.copy_(bias)
-        return layer
+        return layer.set_permutations(in_perm, out_perm)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, shape_a: Sequence[int], rank: int = 1, init: str = "vanloan",
-                    **decompose_kwargs) -> "KronLinear":
+                    **decompose_kwargs) -> KronLinear:
         """Factorize ``linear.weight`` with :func:`kronfact.decompose` and keep its bias."""
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -210,8 +245,14 @@ class KronLinear(nn.Module):
         return cls.from_factors(factors, None if linear.bias is None else linear.bias.detach())
 
     def to_dense(self) -> Tensor:
-        """Σ_i a_i ⊗ b_i, shape (out_features, in_features) (differentiable)."""
-        return kron_sum(self.a, self.b)
+        """The layer's weight W̃, shape (out_features, in_features) (differentiable): Σ_i a_i ⊗ b_i,
+        with rows gathered by ``out_perm`` and columns scattered by ``in_perm`` when they are set."""
+        weight = kron_sum(self.a, self.b)
+        if self.out_perm is not None:
+            weight = weight.index_select(0, self.out_perm)
+        if self.in_perm is not None:
+            weight = torch.empty_like(weight).index_copy(1, self.in_perm, weight)
+        return weight
 
     def to_linear(self) -> nn.Linear:
         """An nn.Linear computing the same function, holding the dense product."""
@@ -231,7 +272,8 @@ class KronLinear(nn.Module):
                     elem_bytes=self.a.element_size(), cached_dense=cached_dense)
 
     def _cached_dense(self) -> Tensor:
-        key = (self.a._version, self.b._version, self.a.data_ptr(), self.b.data_ptr(), self.a.dtype)
+        key = (self.a._version, self.b._version, self.a.data_ptr(), self.b.data_ptr(), self.a.dtype,
+               *((p._version, p.data_ptr()) if p is not None else None for p in (self.in_perm, self.out_perm)))
         if self._dense_cache is None or self._dense_cache[0] != key:
             self._dense_cache = (key, self.to_dense())
         return self._dense_cache[1]
@@ -250,7 +292,11 @@ class KronLinear(nn.Module):
         if path == "dense":
             weight = self._cached_dense() if cacheable else self.to_dense()
             return F.linear(x, weight, self.bias)
+        if self.in_perm is not None:
+            x2 = x2.index_select(1, self.in_perm)
         y = kron_matmul(x2, self.a, self.b, path)
+        if self.out_perm is not None:
+            y = y.index_select(1, self.out_perm)
         if self.bias is not None:
             y += self.bias
         return y.reshape(*lead, self.out_features)
@@ -259,4 +305,5 @@ class KronLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"shape_a={self.shape_a}, shape_b={self.shape_b}, rank={self.rank}, "
                 f"bias={self.bias is not None}" + ("" if self.path == "auto" else f", path={self.path!r}")
-                + ("" if self.orientation == "linear" else f", orientation={self.orientation!r}"))
+                + ("" if self.orientation == "linear" else f", orientation={self.orientation!r}")
+                + "".join(f", {name}=True" for name in ("in_perm", "out_perm") if getattr(self, name) is not None))

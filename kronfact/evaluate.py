@@ -1,0 +1,331 @@
+"""Evaluate causal language models: perplexity in two protocols, LAMBADA last-word accuracy.
+
+- ``protocol="sliding"`` — the standard token-weighted sliding window (Hugging Face perplexity guide).
+  Windows of ``context`` input tokens start every ``stride`` tokens; each window scores only the
+  targets no earlier window scored, so every token after the first is scored exactly once, with
+  between ``context - stride + 1`` and ``context`` tokens of left context (the first window's targets
+  with 1 … context). Perplexity = exp(Σ NLL / (N − 1)). ``stride == context`` is the plain
+  non-overlapping, token-weighted evaluation.
+- ``protocol="krony"`` — Krony-PT's ``perplexity.py``: non-overlapping windows of ``context`` tokens
+  (the last one shorter), each window's first token unscored, perplexity = exp(mean over windows of
+  the window's mean NLL). The short last window weighs as much as a full one.
+
+Texts come from local files (:func:`tokenize_file`) or, when the network allows, from ``datasets``
+(:func:`load_dataset_text`; Krony-PT used the non-raw wikitext test splits).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Protocol = Literal["sliding", "krony"]
+PROTOCOLS: tuple[str, ...] = ("sliding", "krony")
+
+# name → (datasets.load_dataset arguments, tried in order), split "test"
+DATASETS: dict[str, list[tuple[str, str | None]]] = {
+    "wikitext-103": [("wikitext", "wikitext-103-v1")],
+    "wikitext-2": [("wikitext", "wikitext-2-v1")],
+    "lambada": [("EleutherAI/lambada_openai", "default"), ("lambada", None)],
+}
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A named evaluation set could not be loaded (``datasets`` missing, hub unreachable, offline)."""
+
+
+def model_context(model: nn.Module) -> int:
+    """The model's maximum number of positions, read from its config."""
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError("cannot tell the model's context length (its config has no n_positions or "
+                     "max_position_embeddings): pass context=N")
+
+
+def _logits(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """(batch, seq) token ids → (batch, seq, vocab) logits, for HF models and plain modules alike."""
+    out = model(input_ids)
+    if hasattr(out, "logits"):
+        return out.logits
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """eval() and no_grad inside; the model's training flag restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _check_ids(ids: Tensor, model: nn.Module) -> Tensor:
+    if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
+        what = f"a {ids.dim()}-D {ids.dtype} tensor" if isinstance(ids, Tensor) else type(ids).__name__
+        raise ValueError(f"ids must be a 1-D integer tensor of token ids, got {what}")
+    if ids.numel() < 2:
+        raise ValueError(f"need at least 2 tokens to measure perplexity, got {ids.numel()}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (isinstance(vocab, int) and high >= vocab):
+        raise ValueError(f"token ids span [{low}, {high}] but the model's vocabulary has {vocab} entries: "
+                         "the text was tokenized with a different tokenizer than the model's")
+    return ids.long()
+
+
+@contextmanager
+def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar (nothing when disabled); yields ``advance(n)``."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as prog:
+        task = prog.add_task(description, total=total)
+        yield lambda n: prog.advance(task, n)
+
+
+@dataclass(frozen=True)
+class _Window:
+    """Inputs ids[begin:end]; the logits at positions [first, end − begin) are scored (each predicts the next id)."""
+
+    begin: int
+    end: int
+    first: int
+
+
+def _windows(n: int, context: int, stride: int, protocol: str) -> list[_Window]:
+    if protocol == "krony":
+        return [_Window(b, min(b + context, n), 0) for b in range(0, n, context) if min(b + context, n) - b >= 2]
+    windows, prev_end, begin = [], 0, 0
+    while prev_end < n - 1:  # inputs ids[begin:end] predict targets ids[begin+1:end+1]
+        end = min(begin + context, n - 1)
+        windows.append(_Window(begin, end, max(prev_end, begin) - begin))
+        prev_end, begin = end, begin + stride
+    return windows
+
+
+def _batches(windows: list[_Window], batch_size: int) -> Iterator[list[_Window]]:
+    """Consecutive windows of equal length, at most ``batch_size`` at a time."""
+    batch: list[_Window] = []
+    for w in windows:
+        if batch and (len(batch) == batch_size or w.end - w.begin != batch[0].end - batch[0].begin):
+            yield batch
+            batch = []
+        batch.append(w)
+    if batch:
+        yield batch
+
+
+def perplexity(
+    model: nn.Module,
+    ids: Tensor,
+    context: int | None = None,
+    stride: int | None = None,
+    protocol: Protocol = "sliding",
+    batch_size: int = 8,
+    progress: bool = False,
+) -> float:
+    """Perplexity of a causal LM on one long token sequence ``ids`` (N,).
+
+    ``context`` defaults to the model's maximum positions; ``stride`` (sliding only) defaults to
+    ``context // 2``, so every token past the first window sees at least half a context of left
+    context. ``batch_size`` windows go through the model at once: the logits take
+    batch_size × context × vocab floats. Runs on the model's device in eval mode under no_grad and
+    restores the training flag.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    ids = _check_ids(ids, model)
+    context = model_context(model) if context is None else context
+    if not isinstance(context, int) or context < 2:
+        raise ValueError(f"context must be an int ≥ 2, got {context!r}")
+    if protocol == "krony" and stride not in (None, context):
+        raise ValueError(f"the krony protocol uses non-overlapping windows (stride = context = {context}); "
+                         f"got stride={stride}: drop it or use protocol='sliding'")
+    stride = max(context // 2, 1) if stride is None else stride
+    if not isinstance(stride, int) or not 1 <= stride <= context:
+        raise ValueError(f"stride must be an int in [1, context={context}], got {stride!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+    windows = _windows(ids.numel(), context, stride, protocol)
+    device = _device(model)
+    nll_sum, count, window_means = 0.0, 0, []
+    with _eval_mode(model), progress_bar(progress, len(windows), f"perplexity ({protocol})") as advance:
+        for batch in _batches(windows, batch_size):
+            inputs = torch.stack([ids[w.begin:w.end] for w in batch]).to(device)
+            if protocol == "krony":  # the window's own tokens are its targets; its last logit goes unused
+                targets = inputs[:, 1:]
+            else:
+                targets = torch.stack([ids[w.begin + 1:w.end + 1] for w in batch]).to(device)
+            logits = _logits(model, inputs)
+            for j, w in enumerate(batch):
+                n_scored = targets.shape[1] - w.first
+                nll = F.cross_entropy(logits[j, w.first:w.first + n_scored].float(), targets[j, w.first:],
+                                      reduction="sum")
+                nll_sum, count = nll_sum + float(nll), count + n_scored
+                window_means.append(float(nll) / n_scored)
+            advance(len(batch))
+    mean_nll = sum(window_means) / len(window_means) if protocol == "krony" else nll_sum / count
+    return math.exp(mean_nll)
+
+
+@dataclass(frozen=True)
+class LambadaResult:
+    """Last-word accuracy (every token of the word predicted greedily) and the word's perplexity."""
+
+    accuracy: float
+    perplexity: float  # exp(mean over examples of the word's summed NLL), lm-evaluation-harness style
+    count: int
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens, for a ``tokenizers.Tokenizer`` or a transformers tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast HF tokenizers: no length warnings
+    if backend is not None or hasattr(tokenizer, "encode_batch"):
+        return list((backend or tokenizer).encode(text, add_special_tokens=False).ids)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def lambada(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    context: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> LambadaResult:
+    """LAMBADA: predict each text's last word (split at the last space) from the text before it.
+
+    The target is the full token sequence of " word"; a hit needs the greedy prediction of every
+    one of its tokens. Inputs longer than ``context`` keep their last ``context`` tokens. Examples
+    are batched right-padded (causal attention keeps padding out of every scored position).
+    """
+    if isinstance(texts, str) or not len(texts):
+        raise ValueError("texts must be a non-empty list of strings (one LAMBADA example each)")
+    context = model_context(model) if context is None else context
+    examples = []  # (ids, number of target tokens)
+    for i, text in enumerate(texts):
+        head, sep, word = text.strip().rpartition(" ")
+        if not sep or not head or not word:
+            raise ValueError(f"LAMBADA example {i} has no 'context last-word' split: {text[:60]!r}")
+        ctx_ids, word_ids = encode(tokenizer, head), encode(tokenizer, " " + word)
+        if not ctx_ids or not word_ids or len(word_ids) >= context:
+            raise ValueError(f"LAMBADA example {i} tokenizes to nothing usable: {text[:60]!r}")
+        examples.append(((ctx_ids + word_ids)[-context:], len(word_ids)))
+    _check_ids(torch.tensor([t for ids, _ in examples for t in ids]), model)
+
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    device = _device(model)
+    hits, nll_total = 0, 0.0
+    with _eval_mode(model), progress_bar(progress, len(order), "lambada") as advance:
+        for start in range(0, len(order), batch_size):
+            chunk = [examples[i] for i in order[start:start + batch_size]]
+            width = max(len(ids) for ids, _ in chunk)
+            inputs = torch.zeros(len(chunk), width, dtype=torch.long)
+            for j, (ids, _) in enumerate(chunk):
+                inputs[j, :len(ids)] = torch.tensor(ids)
+            logits = _logits(model, inputs.to(device)).float()
+            for j, (ids, n_word) in enumerate(chunk):
+                pred = logits[j, len(ids) - n_word - 1:len(ids) - 1]
+                target = inputs[j, len(ids) - n_word:len(ids)].to(device)
+                nll_total += float(F.cross_entropy(pred, target, reduction="sum"))
+                hits += bool((pred.argmax(-1) == target).all())
+            advance(len(chunk))
+    return LambadaResult(accuracy=hits / len(examples), perplexity=math.exp(nll_total / len(examples)),
+                         count=len(examples))
+
+
+def load_tokenizer(folder: str | os.PathLike) -> Any:
+    """The tokenizer saved in a model folder: its tokenizer.json (``tokenizers``), else AutoTokenizer."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a model folder; cannot find its tokenizer")
+    if (folder / "tokenizer.json").is_file():
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError("reading tokenizer.json needs the `tokenizers` package: "
+                             "pip install 'kronfact[hf]'") from None
+        try:
+            return Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as err:
+            raise ValueError(f"{folder / 'tokenizer.json'} is not a valid tokenizer file: {err}") from None
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ValueError(f"{folder} has no tokenizer.json, and loading its tokenizer otherwise needs "
+                         "transformers: pip install 'kronfact[hf]'") from None
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:
+        raise ValueError(f"no usable tokenizer in {folder} ({type(err).__name__}: {err}); "
+                         "save one there (tokenizer.json) or point at a folder that has one") from None
+
+
+def tokenize_file(path: str | os.PathLike, tokenizer: Any) -> Tensor:
+    """A UTF-8 text file → 1-D LongTensor of token ids (no special tokens added)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"text file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    ids = encode(tokenizer, text)
+    if len(ids) < 2:
+        raise ValueError(f"{path} holds {len(ids)} token(s); need at least 2 to measure perplexity")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def load_dataset_text(name: str) -> str | list[str]:
+    """A named evaluation set's test split through ``datasets``.
+
+    "wikitext-103" / "wikitext-2": the non-raw test split (as Krony-PT), lines joined with "\\n\\n"
+    as in the Hugging Face perplexity guide → one string. "lambada": the OpenAI LAMBADA test set
+    (EleutherAI/lambada_openai, else "lambada") → a list of texts for :func:`lambada`.
+    Raises :class:`DatasetUnavailableError` naming the cause when it cannot be loaded.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetUnavailableError(f"--dataset {name} needs the `datasets` package (pip install datasets); "
+                                      "or evaluate a local copy with --text FILE") from None
+    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "0") not in ("", "0")]
+    errors = []
+    for path, config in DATASETS[name]:
+        try:
+            split = datasets.load_dataset(path, config, split="test")
+            texts = list(split["text"])
+            return texts if name == "lambada" else "\n\n".join(texts)
+        except Exception as err:  # datasets raises many types: connection, offline, missing config
+            errors.append(f"{path}{'/' + config if config else ''}: {type(err).__name__}: {str(err)[:200]}")
+    why = (f"{' and '.join(offline)} is set and it is not cached" if offline
+           else "the Hugging Face hub is unreachable or the set is not cached")
+    raise DatasetUnavailableError(f"cannot load {name} through datasets ({why}; {'; '.join(errors)}); "
+                                  "evaluate a local copy with --text FILE instead")

@@ -1,0 +1,332 @@
+"""compress(): replace a model's selected linear layers by KronLinear, in place, under a parameter budget.
+
+    report = compress(model, rules="mlp.*", budget=81e6)
+
+1. select: :func:`kronfact.rules.select` turns ``rules`` into the modules to replace;
+2. plan: with ``budget=`` or ``ratio=``, one SVD per layer and candidate shape gives exact error curves and
+   :func:`kronfact.budget.solve` picks (shape_a, rank) — or "keep dense" — for every layer; without them,
+   every layer needs an explicit ``shape_a`` and ``rank`` (globally or per rule);
+3. factorize every planned layer (:func:`kronfact.decompose`);
+4. only then replace: ``model.set_submodule(name, KronLinear.from_factors(...))``.
+
+Every check happens in steps 1–3, so on any error the model is unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+from torch import Tensor, nn
+
+from .budget import Option, candidate_shapes, error_curve, layer_options, solve
+from .kron import INITS, check_shape_a, decompose
+from .layer import KronLinear
+from .modules import count_parameters, is_conv1d, linear_weight
+from .rules import Rules, Target, select
+
+# (layer name, weight (out, in), shape_a) → relative error at rank 0 … max: data-aware error curves.
+ErrorCurves = Callable[[str, Tensor, tuple[int, int]], Tensor]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One replaced layer. ``shape`` is (out_features, in_features); params count weight and bias."""
+
+    name: str
+    shape: tuple[int, int]
+    shape_a: tuple[int, int]
+    shape_b: tuple[int, int]
+    rank: int
+    init: str
+    params_before: int
+    params_after: int
+    rel_error: float  # ‖W − Σ a_i ⊗ b_i‖_F / ‖W‖_F
+    orientation: str = "linear"
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass
+class CompressionReport:
+    """What :func:`compress` did: the replaced layers, the selected layers the solver kept dense, and
+    the model's parameter count (:func:`kronfact.modules.count_parameters`) before and after."""
+
+    layers: list[LayerReport]
+    params_before: int
+    params_after: int
+    kept_dense: list[str] = field(default_factory=list)
+    budget: int | None = None
+
+    @property
+    def ratio(self) -> float:
+        """params_after / params_before."""
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (tuples as lists)."""
+        layers = [{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items()} for r in self.layers]
+        return {"layers": layers, "kept_dense": list(self.kept_dense), "params_before": self.params_before,
+                "params_after": self.params_after, "ratio": self.ratio, "budget": self.budget}
+
+    def __rich__(self) -> Table:
+        budget = "" if self.budget is None else f" (budget {self.budget:,})"
+        table = Table(title="kronfact compression", caption=(
+            f"model: {self.params_before:,} → {self.params_after:,} parameters = {self.ratio:.1%}{budget}"
+            + (f"; kept dense: {', '.join(self.kept_dense)}" if self.kept_dense else "")))
+        for col in ("layer", "shape", "A", "B", "rank", "init", "params", "kept", "rel. error"):
+            table.add_column(col, justify="left" if col in ("layer", "init") else "right")
+        for r in self.layers:
+            table.add_row(r.name, "×".join(map(str, r.shape)), "×".join(map(str, r.shape_a)),
+                          "×".join(map(str, r.shape_b)), str(r.rank), r.init,
+                          f"{r.params_before:,} → {r.params_after:,}", f"{r.params_after / r.params_before:.1%}",
+                          f"{r.rel_error:.4f}")
+        return table
+
+    def __str__(self) -> str:
+        console = Console(file=io.StringIO(), width=160, color_system=None)
+        console.print(self)
+        return console.file.getvalue()
+
+
+@dataclass
+class _Layer:
+    """A selected layer and its settings (per-rule options over compress's keyword arguments)."""
+
+    target: Target
+    weight: Tensor  # (out, in) view
+    shapes: list[tuple[int, int]] | None  # pinned candidate shapes
+    rank: int | None
+    init: str
+    max_rank: int | None
+    prune_index: list[tuple[int, int]] | None
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.target.module, "bias", None)
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.target.module.parameters())
+
+    @property
+    def replaced(self) -> int:
+        """Parameters a replacement removes: all but the bias, which the KronLinear keeps."""
+        return self.params - (self.bias.numel() if self.bias is not None else 0)
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return value
+
+
+def _shape_list(value: Any, what: str) -> list[tuple[int, int]]:
+    """shape_a = (m1, n1) or a list of such candidates → list of pairs (validated per layer later)."""
+    many = isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0 \
+        and all(isinstance(v, Sequence) and not isinstance(v, str) for v in value)
+    shapes = list(value) if many else [value]
+    for s in shapes:
+        if not (isinstance(s, Sequence) and not isinstance(s, str) and len(s) == 2
+                and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in s)):
+            raise ValueError(f"{what} must be (m1, n1), two ints, or a list of such shapes; got {value!r}")
+    return [(int(s[0]), int(s[1])) for s in shapes]
+
+
+def _layer(target: Target, defaults: dict[str, Any]) -> _Layer:
+    """Merge and check one layer's settings; errors name the layer."""
+    opts = {**{k: v for k, v in defaults.items() if v is not None}, **target.options}
+    name, module = target.name, target.module
+    weight = linear_weight(module)
+    out_f, in_f = weight.shape
+    init = opts.get("init", "vanloan")
+    if init not in INITS:
+        raise ValueError(f"{name}: init must be one of {INITS}, got {init!r}")
+    rank = None if opts.get("rank") is None else _positive_int(opts["rank"], f"{name}: rank")
+    top = None if opts.get("max_rank") is None else _positive_int(opts["max_rank"], f"{name}: max_rank")
+    shapes = None
+    if opts.get("shape_a") is not None:
+        shapes = _shape_list(opts["shape_a"], f"{name}: shape_a")
+        if len(shapes) == 1:
+            try:
+                shapes = [check_shape_a(out_f, in_f, shapes[0])]
+            except ValueError as err:
+                raise ValueError(f"{name} ({out_f}×{in_f} in nn.Linear orientation): {err}") from None
+        else:
+            shapes = [s for s in shapes if out_f % s[0] == 0 and in_f % s[1] == 0]
+            if not shapes:
+                raise ValueError(f"{name}: none of the candidate shapes {opts['shape_a']} divides its "
+                                 f"({out_f}, {in_f}) weight (m1 must divide {out_f}, n1 must divide {in_f})")
+    prune_index = opts.get("prune_index")
+    if prune_index is not None:
+        if init != "prune" or shapes is None or len(shapes) != 1:
+            raise ValueError(f"{name}: prune_index needs init='prune' and a single shape_a")
+        prune_index = [tuple(p) for p in prune_index]
+        if rank is not None and rank != len(prune_index):
+            raise ValueError(f"{name}: rank={rank} but prune_index has {len(prune_index)} entries")
+        rank = len(prune_index)
+    return _Layer(target, weight.detach(), shapes, rank, init, top, prune_index)
+
+
+def _check_budget(budget: Any, ratio: Any) -> None:
+    if budget is not None and ratio is not None:
+        raise ValueError("give budget= (total parameters after compression) or ratio= (fraction of the selected "
+                         "layers' parameters kept), not both")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not math.isfinite(budget) or budget <= 0):
+        raise ValueError(f"budget must be a positive number of parameters (the model's total after compression, "
+                         f"e.g. 81e6), got {budget!r}")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                              or not 0 < ratio <= 1):
+        raise ValueError(f"ratio must be in (0, 1], the fraction of the selected layers' parameters kept; "
+                         f"got {ratio!r}")
+
+
+def _curve_fn(error_weights: Any, layers: list[_Layer]) -> tuple[ErrorCurves | None, list[float]]:
+    """``error_weights`` → (data-aware curve function or None, per-layer weights of the squared error)."""
+    if error_weights is None:
+        return None, [1.0] * len(layers)
+    if callable(error_weights):
+        return error_weights, [1.0] * len(layers)
+    if not isinstance(error_weights, Mapping):
+        raise ValueError("error_weights must be a dict {layer name: weight} or a function (name, weight, shape_a) "
+                         f"→ relative error per rank, got {type(error_weights).__name__}")
+    known = {n: i for i, layer in enumerate(layers) for n in layer.target.names}
+    unknown = [n for n in error_weights if n not in known]
+    if unknown:
+        raise ValueError(f"error_weights names layers that are not selected: {unknown[:6]}; selected: "
+                         f"{[layer.name for layer in layers][:6]} …")
+    weights = [1.0] * len(layers)
+    for n, w in error_weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"error_weights[{n!r}] must be a finite number ≥ 0, got {w!r}")
+        weights[known[n]] = float(w)
+    return None, weights
+
+
+def _curve(layer: _Layer, shape_a: tuple[int, int], curves: ErrorCurves | None) -> Tensor:
+    """Relative error of ``layer`` at rank 0 … max for ``shape_a``: exact, or from the data-aware hook."""
+    if curves is None:
+        return error_curve(layer.weight, shape_a, layer.init)
+    curve = curves(layer.name, layer.weight, shape_a)
+    if not isinstance(curve, Tensor) or curve.dim() != 1 or curve.numel() < 2 or not torch.isfinite(curve).all() \
+            or bool((curve < 0).any()):
+        raise ValueError(f"error_weights({layer.name!r}, weight, {shape_a}) must return a 1-D tensor of finite "
+                         f"relative errors ≥ 0 at rank 0 … max, got {curve!r}")
+    (m1, n1), (out_f, in_f) = shape_a, layer.weight.shape
+    p, q = m1 * n1, (out_f // m1) * (in_f // n1)
+    return curve[:(q if layer.init == "prune" else min(p, q)) + 1].detach().double().cpu()
+
+
+def _plan(layers: list[_Layer], budget: int, fixed: int, error_weights: Any, progress: bool) -> list[Option]:
+    """The solver's option for every layer (spectra first: one SVD per layer and candidate shape)."""
+    curves, weights = _curve_fn(error_weights, layers)
+    jobs = [(i, s) for i, layer in enumerate(layers)
+            for s in (layer.shapes or candidate_shapes(*layer.weight.shape))]
+    found: list[dict[tuple[int, int], Tensor]] = [{} for _ in layers]
+    for i, s in track(jobs, description="kronfact: error curves", disable=not progress, transient=True):
+        try:
+            found[i][s] = _curve(layers[i], s, curves)
+        except ValueError as err:
+            raise ValueError(f"{layers[i].name}: {err}") from None
+    options = []
+    for layer, shape_curves in zip(layers, found, strict=True):
+        try:
+            options.append(layer_options(shape_curves, *layer.weight.shape, rank=layer.rank, max_rank=layer.max_rank))
+        except ValueError as err:
+            raise ValueError(f"{layer.name}: {err}") from None
+    return solve(options, budget, fixed, weights).choice
+
+
+def compress(model: nn.Module, rules: Rules = "mlp.*", budget: float | None = None, ratio: float | None = None, *,
+             shape_a: Sequence[int] | Sequence[Sequence[int]] | None = None, rank: int | None = None,
+             init: str = "vanloan", max_rank: int | None = None,
+             error_weights: Mapping[str, float] | ErrorCurves | None = None,
+             progress: bool = True) -> CompressionReport:
+    """Replace the layers ``rules`` select (:mod:`kronfact.rules`) by KronLinear, in place; return a report.
+
+    - ``budget``: the model's total parameter count after compression, every tensor once
+      (:func:`kronfact.modules.count_parameters`). ``ratio``: instead, the fraction of the selected
+      layers' parameters (weights and biases) to keep. With either, the solver (:mod:`kronfact.budget`)
+      picks shape_a and rank per layer for the least total squared relative error; the total ends
+      ≤ budget, and a layer may stay dense when that is the better use of the budget
+      (``report.kept_dense``). With neither, every layer needs ``shape_a`` and ``rank``.
+    - ``shape_a`` (m1, n1), or a list of candidate shapes, pins the shapes the solver may use (layers a
+      single shape does not divide are an error; a list keeps the shapes that divide); ``rank`` pins
+      the rank; ``max_rank`` caps it. Per-rule options ({pattern: {shape_a, rank, init, max_rank,
+      prune_index}}) override these for the layers the pattern selects.
+    - ``init``: "vanloan" (optimal Frobenius fit), "prune" (the solver then uses pruning's own error
+      curves) or "random" (planned with Van Loan's curves).
+    - ``error_weights``: a dict {layer name: weight of its squared error} or a function
+      (name, weight (out, in), shape_a) → relative error at rank 0 … max (e.g.
+      :func:`kronfact.calibrate.calibration_errors`) replacing the Frobenius curves.
+
+    nn.Linear and Conv1D (factored through its transposed weight; the KronLinear computes the same
+    function and merges back to a Conv1D) are replaced by ``KronLinear`` on the module's device and in
+    its dtype, with its bias, train mode and requires_grad. A module reachable under several names is
+    replaced under all of them by one KronLinear. Raises ValueError, leaving the model unchanged.
+    """
+    _check_budget(budget, ratio)
+    defaults = {"shape_a": shape_a, "rank": rank, "init": init, "max_rank": max_rank}
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    layers = [_layer(t, defaults) for t in select(model, rules)]
+    before = count_parameters(model)
+    fixed = before - sum(layer.replaced for layer in layers)
+
+    if budget is None and ratio is None:
+        missing = [layer.name for layer in layers if layer.rank is None or not layer.shapes or len(layer.shapes) > 1]
+        if missing:
+            raise ValueError(f"no budget= or ratio=, so every selected layer needs one shape_a and a rank; missing for "
+                             f"{', '.join(missing[:6])}{' …' if len(missing) > 6 else ''}. Pass budget=/ratio= to let "
+                             "the solver choose, or shape_a=/rank= (globally or per rule)")
+        plan = [Option(layer.shapes[0], layer.rank, 0, math.nan) for layer in layers]
+        target = None
+    else:
+        selected = sum(layer.params for layer in layers)
+        target = int(budget) if budget is not None else before - selected + math.floor(ratio * selected)
+        plan = _plan(layers, target, fixed, error_weights, progress)
+
+    factors = []
+    for layer, option in track(list(zip(layers, plan, strict=True)), description="kronfact: factorizing",
+                               disable=not progress, transient=True):
+        if option.dense:
+            factors.append(None)
+            continue
+        try:
+            factors.append(decompose(layer.weight, option.shape_a, option.rank, layer.init,
+                                     prune_index=layer.prune_index))
+        except ValueError as err:
+            raise ValueError(f"{layer.name}: {err}") from None
+
+    rows = []
+    for layer, f in zip(layers, factors, strict=True):
+        if f is None:
+            continue
+        module, bias = layer.target.module, layer.bias
+        new = KronLinear.from_factors(f, None if bias is None else bias.detach(),
+                                      orientation="conv1d" if is_conv1d(module) else "linear")
+        new.train(module.training)
+        new.a.requires_grad_(module.weight.requires_grad)
+        new.b.requires_grad_(module.weight.requires_grad)
+        if new.bias is not None:
+            new.bias.requires_grad_(bias.requires_grad)
+        for name in layer.target.names:
+            model.set_submodule(name, new)
+        rows.append(LayerReport(layer.name, tuple(layer.weight.shape), f.shape_a, f.shape_b, f.rank, f.init,
+                                layer.params, sum(p.numel() for p in new.parameters()), f.rel_error,
+                                new.orientation, layer.target.aliases))
+    kept = [layer.name for layer, f in zip(layers, factors, strict=True) if f is None]
+    return CompressionReport(rows, before, count_parameters(model), kept, target)
+

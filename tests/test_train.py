@@ -1,0 +1,249 @@
+"""Recovery training: objectives checked against direct computations, weight decay on the factors only,
+kill-and-resume reproduces the loss curve bit for bit, best-on-validation selection, encoder distillation."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+transformers = pytest.importorskip("transformers")
+
+from kronfact.evaluate import DatasetUnavailableError, perplexity  # noqa: E402
+from kronfact.io import from_pretrained  # noqa: E402
+from kronfact.kron import decompose  # noqa: E402
+from kronfact.layer import KronLinear  # noqa: E402
+from kronfact.modules import linear_weight  # noqa: E402
+from kronfact.train import (  # noqa: E402
+    TrainConfig,
+    distillation_loss,
+    hidden_distillation_loss,
+    load_tokens,
+    lr_at,
+    param_groups,
+    train,
+)
+
+VOCAB = 64
+SEQ = 16
+
+
+def kronify(model: torch.nn.Module, suffixes: tuple[str, ...], rank: int = 2) -> torch.nn.Module:
+    """Replace the named MLP layers by Van Loan KronLinear (A with half of each side), in place."""
+    for name, module in list(model.named_modules()):
+        if name.endswith(suffixes):
+            w = linear_weight(module)
+            factors = decompose(w, (w.shape[0] // 4, w.shape[1] // 8), rank=rank)
+            orientation = "linear" if isinstance(module, torch.nn.Linear) else "conv1d"
+            model.set_submodule(name, KronLinear.from_factors(factors, module.bias.detach(), orientation=orientation))
+    return model
+
+
+def tiny_gpt2(seed: int = 0, dropout: float = 0.1) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                     resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                                     bos_token_id=0, eos_token_id=0)
+    return kronify(transformers.GPT2LMHeadModel(config), ("mlp.c_fc", "mlp.c_proj"))
+
+
+def stream(step: int, n: int = 4000) -> torch.Tensor:
+    """A learnable token stream: each token is the previous one plus ``step`` (mod VOCAB)."""
+    return (torch.arange(n) * step) % VOCAB
+
+
+def config(**kw) -> TrainConfig:
+    base = dict(tokens=4 * 2 * SEQ * 6, batch_size=4, grad_accum=2, seq_len=SEQ, lr=3e-3, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+# ------------------------------------------------------------------------------------------- losses
+
+
+@settings(max_examples=25, deadline=None)
+@given(alpha=st.floats(0, 1), temperature=st.floats(0.5, 5), positions=st.integers(1, 6), vocab=st.integers(2, 9),
+       seed=st.integers(0, 10_000))
+def test_distillation_loss_matches_direct_formula(alpha, temperature, positions, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(2, positions, vocab, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(2, positions, vocab, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, vocab, (2, positions), generator=g)
+    ce, kl, n = 0.0, 0.0, 0
+    for b in range(2):
+        for i in range(positions):
+            log_p = s[b, i] - torch.logsumexp(s[b, i], 0)
+            ce -= float(log_p[y[b, i]])
+            ps = torch.softmax(s[b, i] / temperature, 0)
+            pt = torch.softmax(t[b, i] / temperature, 0)
+            kl += float((pt * (pt.log() - ps.log())).sum())
+            n += 1
+    expected = (1 - alpha) * ce / n + alpha * temperature**2 * kl / n
+    got = float(distillation_loss(s, t, y, alpha, temperature))
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert float(distillation_loss(s, None, y, alpha, temperature)) == pytest.approx(ce / n, rel=1e-5)
+
+
+def test_hidden_loss_is_zero_on_the_teacher_and_combines_mse_and_cosine():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(3, 5, 8, generator=g)
+    s = t + 0.3 * torch.randn(3, 5, 8, generator=g)
+    assert float(hidden_distillation_loss(t, t)) == pytest.approx(0, abs=1e-6)
+    mse = float(((s - t) ** 2).mean())
+    cos = float(F.cosine_similarity(s.mean(1), t.mean(1), dim=-1).mean())
+    assert float(hidden_distillation_loss(s, t, mse=2.0, cosine=0.5)) == pytest.approx(2 * mse + 0.5 * (1 - cos),
+                                                                                       rel=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(total=st.integers(1, 200), warmup=st.floats(0, 0.5), ratio=st.floats(0, 1))
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor(total, warmup, ratio):
+    c = TrainConfig(lr=1.0, warmup=warmup, min_lr_ratio=ratio)
+    lrs = [lr_at(s, total, c) for s in range(total)]
+    w = min(round(warmup * total), total)
+    assert lrs[:w] == pytest.approx([(s + 1) / w for s in range(w)])
+    decay = lrs[w:]
+    assert all(a >= b - 1e-12 for a, b in zip(decay, decay[1:], strict=False))
+    assert all(ratio - 1e-12 <= v <= 1 + 1e-12 for v in decay)
+    if decay:
+        assert decay[0] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------- optimizer
+
+
+def test_weight_decay_applies_to_the_kronecker_factors_only():
+    model = tiny_gpt2()
+    groups = param_groups(model, 0.5)
+    factors = {id(m.a) for m in model.modules() if isinstance(m, KronLinear)}
+    factors |= {id(m.b) for m in model.modules() if isinstance(m, KronLinear)}
+    decayed = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert {id(p) for p in decayed} == factors and len(decayed) == len(factors) == 8
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))  # each (tied) param once
+    # behaviour: with zero gradients AdamW only shrinks the decayed tensors, by (1 − lr·wd)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(groups, lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        expected = before[name] * (1 - 0.1 * 0.5) if id(p) in factors else before[name]
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=0, msg=name)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def test_loss_decreases_over_a_few_steps():
+    result = train(tiny_gpt2(dropout=0.0), stream(7), config(tokens=4 * 2 * SEQ * 20))
+    losses = [loss for _, loss in result.curve()]
+    assert len(losses) == 20 and result.tokens == 20 * 4 * 2 * SEQ
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2
+
+
+def test_distillation_needs_a_teacher_and_trains_with_one():
+    with pytest.raises(ValueError, match="teacher"):
+        train(tiny_gpt2(), stream(7), config(distill=True))
+    teacher = tiny_gpt2(seed=1, dropout=0.0)
+    result = train(tiny_gpt2(), stream(7), config(distill=True, alpha=1.0, lr=1e-2, tokens=4 * 2 * SEQ * 10),
+                   teacher=teacher)
+    losses = [loss for _, loss in result.curve()]
+    assert losses[-1] < losses[0]  # pure KL to the teacher goes down
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_kill_and_resume_gives_the_identical_loss_curve(tmp_path):
+    cfg = dict(eval_every=2, save_every=1, tokens=4 * 2 * SEQ * 6)  # 6 steps, dropout on
+    val = stream(5, 300)
+    full = train(tiny_gpt2(), stream(7), config(out_dir=str(tmp_path / "a"), **cfg), val_data=val)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(entry):
+        if entry["step"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(tiny_gpt2(), stream(7), config(out_dir=str(tmp_path / "b"), **cfg), val_data=val, callback=kill_at_3)
+    resumed_model = tiny_gpt2()
+    resumed = train(resumed_model, stream(7), config(out_dir=str(tmp_path / "b"), **cfg), val_data=val)
+    assert resumed.resumed_from == 3
+    assert resumed.curve() == full.curve() and len(full.curve()) == 6  # bit-exact on CPU
+    assert resumed.curve("val") == full.curve("val")
+    # a different run cannot resume silently from this checkpoint
+    with pytest.raises(ValueError, match="batch_size"):
+        train(tiny_gpt2(), stream(7), config(out_dir=str(tmp_path / "b"), batch_size=2, **cfg), val_data=val)
+
+
+def test_best_on_validation_weights_are_kept(tmp_path):
+    # Train on "+7" sequences, validate on "+5" ones: validation gets worse as training specialises,
+    # so the best checkpoint is an early one and must be what the model holds at the end.
+    val = stream(5, 400)
+    for out_dir in (None, str(tmp_path / "run")):
+        model = tiny_gpt2(dropout=0.0)
+        result = train(model, stream(7), config(eval_every=1, lr=1e-2, out_dir=out_dir), val_data=val)
+        vals = result.curve("val")
+        assert len(vals) == result.steps + 1  # step 0 (before training) included
+        best_step, best_val = min(vals, key=lambda sv: sv[1])
+        assert (result.best_step, result.best_val) == (best_step, best_val)
+        assert result.best_step < result.steps and result.final_val > result.best_val
+        now = math.log(perplexity(model, val, context=SEQ, stride=SEQ))
+        assert now == pytest.approx(best_val, rel=1e-6)
+    saved = from_pretrained(tmp_path / "run" / "best")  # a loadable transformers folder
+    assert math.log(perplexity(saved, val, context=SEQ, stride=SEQ)) == pytest.approx(best_val, rel=1e-6)
+
+
+def test_encoder_hidden_distillation_improves_embedding_cosine():
+    torch.manual_seed(0)
+    config_ = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=128, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0)
+    teacher = transformers.BertModel(config_).eval()
+    with torch.no_grad():  # a random init's MLPs barely move the residual stream; make them matter as trained ones do
+        for name, p in teacher.named_parameters():
+            if name.endswith(("intermediate.dense.weight", "output.dense.weight")) and "attention" not in name:
+                p.mul_(8)
+    student = kronify(copy.deepcopy(teacher), ("intermediate.dense", "output.dense"), rank=1)
+    data = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(1))
+    result = train(student, data, config(tokens=4 * 2 * SEQ * 25, lr=1e-2, hidden_mse=1.0, hidden_cosine=1.0),
+                   teacher=teacher, val_data=data[-800:])
+    (_, before), *_, (_, after) = result.curve("val_cosine")
+    assert after > before + 0.01
+    assert result.curve("val")[-1][1] < result.curve("val")[0][1]
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class CharTokenizer:
+    """One id per character (enough for load_tokens: it only needs ``encode``)."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) % VOCAB for c in text]
+
+
+def test_load_tokens_from_file_and_folder(tmp_path):
+    (tmp_path / "b.txt").write_text("world")
+    (tmp_path / "a.txt").write_text("hello ")
+    assert load_tokens(tmp_path / "a.txt", CharTokenizer()).tolist() == [ord(c) % VOCAB for c in "hello "]
+    assert load_tokens(tmp_path, CharTokenizer(), max_tokens=8).tolist() == [ord(c) % VOCAB for c in "hello wo"]
+    with pytest.raises(ValueError, match="neither a text file"):
+        load_tokens(tmp_path / "missing.txt", CharTokenizer())
+
+
+def test_unreachable_dataset_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DatasetUnavailableError, match="openwebtext"):
+        load_tokens("openwebtext", CharTokenizer(), max_tokens=10)
+
+
+def test_bad_inputs_are_value_errors():
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="1-D integer"):
+        train(tiny_gpt2(), torch.rand(100), config())
+    with pytest.raises(ValueError, match="fewer than one window"):
+        train(tiny_gpt2(), stream(7, 10), config())
