@@ -1,7 +1,20 @@
-"""kronfact: compress neural networks by replacing linear layers with sums of Kronecker products."""
+"""kronfact: compress neural networks by replacing linear layers with sums of Kronecker products.
 
+    report = kronfact.compress(model, rules="mlp.*", budget=81e6)   # in place
+    kronfact.save_pretrained(model, "out/")                        # transformers folder + kronfact.json
+"""
+
+from .evaluate import LambadaResult, lambada, perplexity
+from .io import from_pretrained, load, merge, save, save_pretrained
 from .kron import FactorShape, KronFactors, decompose, factor_shapes, kron_spectrum
 from .layer import KronLinear
+from .permute import fold_permutations
+from .surgery import CompressionReport, compress
+from .train import TrainConfig, TrainResult, train
 
-__all__ = ["FactorShape", "KronFactors", "KronLinear", "decompose", "factor_shapes", "kron_spectrum"]
+__all__ = [
+    "CompressionReport", "FactorShape", "KronFactors", "KronLinear", "LambadaResult", "TrainConfig", "TrainResult",
+    "compress", "decompose", "factor_shapes", "fold_permutations", "from_pretrained", "kron_spectrum", "lambada",
+    "load", "merge", "perplexity", "save", "save_pretrained", "train",
+]
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ target and renamed last, so a failure never leaves a half-written OUT.
 
 ``analyze`` streams a checkpoint tensor by tensor (one tensor in memory at a time) and, for each
 selected 2-D weight, measures the Van Loan error of Kronecker sums over a set of candidate factor
-shapes (see :func:`candidate_shapes`).
+shapes (see :func:`analyze_shapes`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .atomic import staged_dir, staged_file
 from .kron import FactorShape, factor_shapes, kron_spectrum, max_rank, spectrum_errors
 
 app = typer.Typer(name="kronfact", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -240,16 +240,39 @@ def open_checkpoint(path: Path) -> Checkpoint:
                    "*.safetensors.index.json or a model folder")
 
 
-def _matcher(rules: str | None) -> Callable[[str], bool] | None:
-    """``--rules`` as a predicate on module names (comma-separated fnmatch patterns); None = default."""
-    if rules is None:
+def rule_list(text: str | None) -> list[str] | None:
+    """``--rules`` text → patterns of :mod:`kronfact.rules`: comma-separated globs (with "!" exclusions);
+    a pattern starting with "re:" or "!re:" takes the rest of the text whole (regexes may hold commas)."""
+    if text is None:
         return None
-    import fnmatch
-
-    patterns = [p.strip() for p in rules.split(",") if p.strip()]
+    patterns: list[str] = []
+    rest = text
+    while rest.strip():
+        head, sep, tail = rest.partition(",")
+        if head.strip().lstrip("!").startswith("re:"):
+            head, tail = rest, ""
+        if head.strip():
+            patterns.append(head.strip())
+        rest = tail
     if not patterns:
         raise CliError("--rules is empty; give one or more module-name patterns such as 'mlp.*'")
-    return lambda name: any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in patterns)
+    return patterns
+
+
+def _matcher(rules: str | None) -> Callable[[str], bool] | None:
+    """``--rules`` as a predicate on module names (:func:`kronfact.rules.parse_rules` semantics)."""
+    patterns = rule_list(rules)
+    if patterns is None:
+        return None
+    from .rules import parse_rules
+
+    try:
+        parsed = parse_rules(patterns)
+    except ValueError as err:
+        raise CliError(f"--rules: {err}") from None
+    include = [r for r in parsed if not r.exclude]
+    exclude = [r for r in parsed if r.exclude]
+    return lambda name: any(r.matches(name) for r in include) and not any(r.matches(name) for r in exclude)
 
 
 def select_weights(ckpt: Checkpoint, rules: str | None) -> list[TensorInfo]:
@@ -283,7 +306,7 @@ def _log_spread(values: list[int], k: int) -> list[int]:
                    for i in range(k)})
 
 
-def candidate_shapes(out_features: int, in_features: int, grid: int = 4, max_side: int = 1024) -> list[FactorShape]:
+def analyze_shapes(out_features: int, in_features: int, grid: int = 4, max_side: int = 1024) -> list[FactorShape]:
     """The factor shapes ``analyze`` measures for an (out, in) weight: a cheap grid, not all of them.
 
     m1 takes ``grid`` divisors of out_features spread geometrically from 1 to out_features, n1 the
@@ -464,14 +487,8 @@ def _write_plot(path: Path, layers: list[LayerAnalysis]) -> None:
 
 def _atomic_file(path: Path, write: Callable[[str], None]) -> None:
     """``write(tmp)`` to a temp file beside ``path``, then rename it to ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(path) as tmp:
+        write(str(tmp))
 
 
 def _check_writable_file(path: Path | None, option: str) -> None:
@@ -486,8 +503,9 @@ def _check_writable_file(path: Path | None, option: str) -> None:
 @app.command()
 def analyze(
     ckpt: Annotated[Path, typer.Argument(help=".safetensors file, *.safetensors.index.json, or model folder.")],
-    rules: Annotated[str | None, typer.Option(help="Comma-separated module-name patterns, e.g. 'mlp.*'. "
-                                                 "Default: every 2-D weight that is not an embedding.")] = None,
+    rules: Annotated[str | None, typer.Option(help="Comma-separated module-name patterns, e.g. 'mlp.*' or "
+                                                 "'mlp.*,!h.0.*' or 're:<regex>'. Default: every 2-D weight "
+                                                 "that is not an embedding.")] = None,
     ranks: Annotated[str | None, typer.Option(help="Comma-separated ranks, e.g. '1,2,4'.")] = None,
     fractions: Annotated[str | None, typer.Option(help="Comma-separated kept fractions of each layer's "
                                                      "parameters. Default 0.1,0.25,0.5 (unless --ranks).")] = None,
@@ -534,7 +552,7 @@ def analyze(
             for info in sorted(selected, key=lambda t: (t.file, t.offset)):  # sequential reads, shard by shard
                 weight = _load_weight(info, conv1d)
                 try:
-                    shapes = candidate_shapes(*weight.shape, grid, max_side)
+                    shapes = analyze_shapes(*weight.shape, grid, max_side)
                     layers.append(analyze_weight(info.name.removesuffix(".weight"), weight, rank_list,
                                                  fraction_list, shapes))
                 except ValueError as err:
@@ -568,22 +586,10 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     parent = out.absolute().parent
     if not parent.is_dir():
         raise CliError(f"cannot write {out}: directory {parent} does not exist")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as err:
-        raise CliError(f"cannot write to {parent}: {err.strerror}") from None
-    try:
+    if not os.access(parent, os.W_OK):
+        raise CliError(f"cannot write to {parent}: permission denied")
+    with staged_dir(out) as tmp:
         yield tmp
-        if out.exists():
-            old = tmp.with_name(tmp.name + ".old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _model_folder(path: Path) -> Path:
@@ -616,15 +622,11 @@ def load_model(path: Path) -> Any:
         return io.from_pretrained(folder).eval()
     from safetensors.torch import load_model as load_safetensors
 
-    config = transformers.AutoConfig.from_pretrained(folder)
-    names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is None:
-        raise CliError(f"{folder}/config.json names no transformers architecture ({names})")
+    config, cls = io.model_class(folder)
     model = cls._from_config(config)
     missing, unexpected = load_safetensors(model, path, strict=False)
     if missing or unexpected:
-        raise CliError(f"{path} does not fit {names[0]}: {len(missing)} tensors missing, {len(unexpected)} "
+        raise CliError(f"{path} does not fit {cls.__name__}: {len(missing)} tensors missing, {len(unexpected)} "
                        f"unexpected (e.g. {(list(missing) + list(unexpected))[0]})")
     model.tie_weights()
     return model.eval()
@@ -645,17 +647,40 @@ def _parse_shape(text: str | None) -> tuple[int, int] | None:
     return int(m[1]), int(m[2])
 
 
+def _calibration_batches(model_path: Path, model: Any, text: Path, windows: int) -> list[torch.Tensor]:
+    """``windows`` random windows (seed 0) of the model's context from ``text``, in batches of 8."""
+    from .evaluate import load_tokenizer, model_context, tokenize_file
+    from .train import sample_windows
+
+    if not text.is_file():
+        raise CliError(f"--calibration-text {text} does not exist or is not a file")
+    if windows < 1:
+        raise CliError(f"--calibration-windows must be ≥ 1, got {windows}")
+    ids = tokenize_file(text, load_tokenizer(model_path if model_path.is_dir() else model_path.parent))
+    length = min(model_context(model), len(ids) - 1)
+    if length < 2:
+        raise CliError(f"--calibration-text {text} holds too few tokens ({len(ids)})")
+    batch = sample_windows(ids, windows, length, seed=0)
+    return list(batch.split(8))
+
+
 @app.command()
 def compress(
     model: Annotated[Path, typer.Argument(help="Hugging Face model folder, or a .safetensors file with config.json.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Folder to write the compressed model to.")],
-    rules: Annotated[str, typer.Option(help="Which modules to compress (patterns).")] = "mlp.*",
+    rules: Annotated[str, typer.Option(help="Which modules to compress: comma-separated patterns, e.g. "
+                                            "'mlp.*', 'mlp.*,!h.0.*' or 're:<regex>'.")] = "mlp.*",
     budget: Annotated[float | None, typer.Option(help="Total parameter budget of the model, e.g. 81e6.")] = None,
-    ratio: Annotated[float | None, typer.Option(help="Target total parameters as a fraction of the original.")]
-    = None,
+    ratio: Annotated[float | None, typer.Option(help="Fraction of the matched layers' parameters to keep "
+                                                "(instead of --budget).")] = None,
     shape_a: Annotated[str | None, typer.Option(help="Fixed A shape for every matched layer, e.g. 64x32.")] = None,
     rank: Annotated[int | None, typer.Option(help="Fixed rank for every matched layer.")] = None,
     init: Annotated[str, typer.Option(help="vanloan | prune | random")] = "vanloan",
+    calibration_text: Annotated[Path | None, typer.Option(help="Text file for activation-aware factorization "
+                                                          "(tokenized with the model's tokenizer).")] = None,
+    calibration_windows: Annotated[int, typer.Option(help="Random windows of the model's context drawn from "
+                                                     "--calibration-text.")] = 32,
+    permute: Annotated[int, typer.Option(help="Rounds of row/column permutation search per layer (0: off).")] = 0,
     force: ForceOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -664,6 +689,8 @@ def compress(
     def body() -> None:
         if budget is not None and ratio is not None:
             raise CliError("give either --budget or --ratio, not both")
+        if budget is not None and not (math.isfinite(budget) and budget >= 1):
+            raise CliError(f"--budget must be a positive, finite number of parameters (e.g. 81e6), got {budget}")
         if out.exists() and not force:
             raise CliError(f"{out} already exists; pass --force to replace it")
         m = load_model(model)
@@ -671,15 +698,14 @@ def compress(
 
         given = {"budget": None if budget is None else int(budget), "ratio": ratio,
                  "shape_a": _parse_shape(shape_a), "rank": rank}
-        report = surgery.compress(m, rules=rules, init=init, **{k: v for k, v in given.items() if v is not None})
+        if calibration_text is not None:
+            given["calibration"] = _calibration_batches(model, m, calibration_text, calibration_windows)
+        report = surgery.compress(m, rules=rule_list(rules), init=init, permute=permute,
+                                  **{k: v for k, v in given.items() if v is not None})
         with staged_output(out, force) as tmp:
-            io.save_pretrained(m, tmp / "model")
-            folder = tmp / "model"
-            _copy_tokenizer(model if model.is_dir() else model.parent, folder)
-            (folder / REPORT_JSON).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-            for item in folder.iterdir():
-                os.replace(item, tmp / item.name)
-            folder.rmdir()
+            io.save_pretrained(m, tmp, overwrite=True)
+            _copy_tokenizer(model if model.is_dir() else model.parent, tmp)
+            (tmp / REPORT_JSON).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
         console.print(report)
         console.print(f"wrote {out}")
 
@@ -765,11 +791,8 @@ def merge(
             raise CliError(f"{inp} is not a kronfact-compressed folder (no {io.KRONFACT_JSON}); nothing to merge")
         m = io.merge(load_model(inp))
         with staged_output(out, force) as tmp:
-            io.save_pretrained(m, tmp / "model")
-            _copy_tokenizer(inp, tmp / "model")
-            for item in (tmp / "model").iterdir():
-                os.replace(item, tmp / item.name)
-            (tmp / "model").rmdir()
+            io.save_pretrained(m, tmp, overwrite=True)
+            _copy_tokenizer(inp, tmp)
         console.print(f"merged {inp} → {out}")
 
     _run(debug, body)
@@ -790,11 +813,7 @@ def info(
         meta_path = folder / io.KRONFACT_JSON
         if not meta_path.is_file():
             raise CliError(f"{folder} is not a kronfact-compressed folder (no {io.KRONFACT_JSON})")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            modules = [io.CompressedModule.from_dict(e, str(meta_path)) for e in meta["modules"]]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CliError(f"{meta_path} is not valid kronfact metadata ({err})") from None
+        modules = io.read_kronfact_json(meta_path)
         tensors = open_checkpoint(folder).tensors
         total = sum(math.prod(t.shape) for t in tensors.values())
         errors = {}

@@ -54,6 +54,21 @@ def model_context(model: nn.Module) -> int:
                      "max_position_embeddings): pass context=N")
 
 
+def _check_context(model: nn.Module, context: int | None) -> int:
+    """``context`` (default: the model's positions) checked against the model's positions."""
+    if context is None:
+        return model_context(model)
+    if not isinstance(context, int) or isinstance(context, bool) or context < 2:
+        raise ValueError(f"context must be an int ≥ 2, got {context!r}")
+    try:
+        limit = model_context(model)
+    except ValueError:
+        return context  # the config does not say: trust the caller
+    if context > limit:
+        raise ValueError(f"context={context} exceeds the model's {limit} positions; use context ≤ {limit}")
+    return context
+
+
 def _logits(model: nn.Module, input_ids: Tensor) -> Tensor:
     """(batch, seq) token ids → (batch, seq, vocab) logits, for HF models and plain modules alike."""
     out = model(input_ids)
@@ -159,9 +174,7 @@ def perplexity(
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     ids = _check_ids(ids, model)
-    context = model_context(model) if context is None else context
-    if not isinstance(context, int) or context < 2:
-        raise ValueError(f"context must be an int ≥ 2, got {context!r}")
+    context = _check_context(model, context)
     if protocol == "krony" and stride not in (None, context):
         raise ValueError(f"the krony protocol uses non-overlapping windows (stride = context = {context}); "
                          f"got stride={stride}: drop it or use protocol='sliding'")
@@ -226,7 +239,7 @@ def lambada(
     """
     if isinstance(texts, str) or not len(texts):
         raise ValueError("texts must be a non-empty list of strings (one LAMBADA example each)")
-    context = model_context(model) if context is None else context
+    context = _check_context(model, context)
     examples = []  # (ids, number of target tokens)
     for i, text in enumerate(texts):
         head, sep, word = text.strip().rpartition(" ")
@@ -301,6 +314,30 @@ def tokenize_file(path: str | os.PathLike, tokenizer: Any) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def hub_texts(candidates: Sequence[tuple[str, str | None]], split: str, *, streaming: bool, what: str) -> Any:
+    """The "text" column of the first of ``candidates`` ((path, config) pairs) that ``datasets`` loads:
+    a list, or a lazy iterator when ``streaming``. Raises :class:`DatasetUnavailableError` naming each
+    failure and the way out (local text files); ``what`` names the set in the message."""
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetUnavailableError(f"{what} needs the `datasets` package (pip install 'kronfact[data]') and "
+                                      "the network; or use a local text file instead (--text FILE, or a path as "
+                                      "training data)") from None
+    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "0") not in ("", "0")]
+    errors = []
+    for path, config in candidates:
+        try:
+            rows = datasets.load_dataset(path, config, split=split, streaming=streaming)
+            return (row["text"] for row in rows) if streaming else list(rows["text"])
+        except Exception as err:  # datasets raises many types: connection, offline, missing config
+            errors.append(f"{path}{'/' + config if config else ''}: {type(err).__name__}: {str(err)[:200]}")
+    why = (f"{' and '.join(offline)} is set and it is not cached" if offline
+           else "the Hugging Face hub is unreachable or the set is not cached")
+    raise DatasetUnavailableError(f"cannot load {what} through datasets ({why}; {'; '.join(errors)}); "
+                                  "use a local text file instead (--text FILE, or a path as training data)")
+
+
 def load_dataset_text(name: str) -> str | list[str]:
     """A named evaluation set's test split through ``datasets``.
 
@@ -311,21 +348,5 @@ def load_dataset_text(name: str) -> str | list[str]:
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    try:
-        import datasets
-    except ImportError:
-        raise DatasetUnavailableError(f"--dataset {name} needs the `datasets` package (pip install datasets); "
-                                      "or evaluate a local copy with --text FILE") from None
-    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "0") not in ("", "0")]
-    errors = []
-    for path, config in DATASETS[name]:
-        try:
-            split = datasets.load_dataset(path, config, split="test")
-            texts = list(split["text"])
-            return texts if name == "lambada" else "\n\n".join(texts)
-        except Exception as err:  # datasets raises many types: connection, offline, missing config
-            errors.append(f"{path}{'/' + config if config else ''}: {type(err).__name__}: {str(err)[:200]}")
-    why = (f"{' and '.join(offline)} is set and it is not cached" if offline
-           else "the Hugging Face hub is unreachable or the set is not cached")
-    raise DatasetUnavailableError(f"cannot load {name} through datasets ({why}; {'; '.join(errors)}); "
-                                  "evaluate a local copy with --text FILE instead")
+    texts = hub_texts(DATASETS[name], "test", streaming=False, what=name)
+    return texts if name == "lambada" else "\n\n".join(texts)

@@ -18,8 +18,6 @@ import copy
 import difflib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import _remove_duplicate_names, load_file, save_file
 from torch import Tensor, nn
 
+from .atomic import staged_dir, staged_file
 from .layer import ORIENTATIONS, KronLinear
 from .modules import is_conv1d, is_eligible, linear_weight
 
@@ -51,17 +50,22 @@ class CompressedModule:
     rank: int
     orientation: str
     bias: bool
+    in_perm: bool = False  # gather buffers of a permuted layer (kronfact.permute); optional keys
+    out_perm: bool = False
 
     @classmethod
     def of(cls, name: str, layer: KronLinear) -> CompressedModule:
         return cls(name, layer.in_features, layer.out_features, layer.shape_a, layer.rank, layer.orientation,
-                   layer.bias is not None)
+                   layer.bias is not None, layer.in_perm is not None, layer.out_perm is not None)
 
     @classmethod
     def from_dict(cls, entry: Any, source: str) -> CompressedModule:
         """Parse one metadata entry, or raise ValueError naming ``source`` and what is wrong."""
         ints = ("in_features", "out_features", "rank")
-        ok = (isinstance(entry, dict) and set(entry) == {f for f in cls.__dataclass_fields__}
+        optional = {"in_perm", "out_perm"}
+        ok = (isinstance(entry, dict) and set(cls.__dataclass_fields__) - optional <= set(entry)
+              and set(entry) <= set(cls.__dataclass_fields__)
+              and all(isinstance(entry.get(k, False), bool) for k in optional)
               and isinstance(entry["name"], str) and entry["name"] != ""
               and all(isinstance(entry[k], int) and not isinstance(entry[k], bool) for k in ints)
               and isinstance(entry["shape_a"], list) and len(entry["shape_a"]) == 2
@@ -70,11 +74,13 @@ class CompressedModule:
         if not ok:
             raise ValueError(f"{source}: malformed compressed-module entry {entry!r}; expected keys "
                              f"{sorted(cls.__dataclass_fields__)} with a non-empty name, int sizes, shape_a "
-                             f"[m1, n1], orientation in {ORIENTATIONS} and bias true/false")
+                             f"[m1, n1], orientation in {ORIENTATIONS}, bias (and optional in_perm, out_perm) "
+                             "true/false")
         return cls(**{**entry, "shape_a": tuple(entry["shape_a"])})
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "shape_a": list(self.shape_a)}
+        entry = {**asdict(self), "shape_a": list(self.shape_a)}
+        return {k: v for k, v in entry.items() if v or k not in ("in_perm", "out_perm")}  # perms only when set
 
 
 def compressed_modules(model: nn.Module) -> list[CompressedModule]:
@@ -91,14 +97,8 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise ValueError(f"cannot save to {path}: directory {path.parent} does not exist")
     if path.is_dir():
         raise ValueError(f"cannot save to {path}: it is a directory; give a file name such as {path / WEIGHTS_NAME}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(path) as tmp:
+        write(str(tmp))
 
 
 def _state_to_save(model: nn.Module) -> dict[str, Tensor]:
@@ -197,8 +197,17 @@ def _plan(model: nn.Module, entries: list[CompressedModule], source: str) -> dic
                                dtype=weight.dtype, orientation=e.orientation)
         except ValueError as err:
             raise ValueError(f"{source}: compressed module {e.name!r}: {err}") from None
+        device = weight.device  # identity placeholders, overwritten by the file's orders
+        layer.set_permutations(torch.arange(e.in_features, device=device) if e.in_perm else None,
+                               torch.arange(e.out_features, device=device) if e.out_perm else None)
         layers[e.name] = layer.train(module.training).requires_grad_(weight.requires_grad)
     return layers
+
+
+def _aliases(model: nn.Module, name: str) -> list[str]:
+    """Every name under which the module called ``name`` is reachable (shared modules have several)."""
+    module = model.get_submodule(name)
+    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
 
 
 def _check_tensors(model: nn.Module, layers: dict[str, KronLinear], shapes: dict[str, tuple[int, ...]],
@@ -206,9 +215,10 @@ def _check_tensors(model: nn.Module, layers: dict[str, KronLinear], shapes: dict
     """Raise unless the file's tensors are exactly those of ``model`` once ``layers`` are in place."""
     expected = model.state_dict()
     for name, layer in layers.items():
-        for key in model.get_submodule(name).state_dict(prefix=f"{name}."):
-            del expected[key]
-        expected.update(layer.state_dict(prefix=f"{name}."))
+        for alias in _aliases(model, name):
+            for key in model.get_submodule(alias).state_dict(prefix=f"{alias}."):
+                del expected[key]
+            expected.update(layer.state_dict(prefix=f"{alias}."))
     if any(t.device.type == "meta" for t in expected.values()):
         raise ValueError("the skeleton holds meta tensors; materialize it first, e.g. model.to_empty(device='cpu')")
     # Tied tensors: the file holds one name of each shared group (as save_model writes it).
@@ -239,8 +249,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         state = load_file(path)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: reading the tensors failed ({e}); the file is corrupt — save it again") from None
-    for name, layer in layers.items():
-        model.set_submodule(name, layer)
+    for alias, layer in [(a, layer) for name, layer in layers.items() for a in _aliases(model, name)]:
+        model.set_submodule(alias, layer)
     model.load_state_dict(state, strict=False)  # complete: checked by _check_tensors
     return model
 
@@ -265,9 +275,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
         raise ValueError(f"{path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ValueError(f"{path} already exists and is not empty; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with staged_dir(path) as tmp:
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
         config.dtype = model.dtype
@@ -283,16 +291,37 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
             (tmp / KRONFACT_JSON).write_text(json.dumps(info, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if path.exists():
-            old = tmp.with_name(tmp.name + ".old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def model_class(folder: Path) -> tuple[Any, type]:
+    """(config, transformers class) named by ``folder``/config.json's ``architectures``; nothing downloaded."""
+    import transformers
+
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a transformers model folder (no config.json)")
+    config = transformers.AutoConfig.from_pretrained(folder)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise ValueError(f"{folder}/config.json names architectures {names}, none a transformers class; build the "
+                         f"model yourself and call kronfact.load('{folder / WEIGHTS_NAME}', model)")
+    return config, cls
+
+
+def read_kronfact_json(path: Path) -> list[CompressedModule]:
+    """The compressed modules listed in a folder's kronfact.json, checked (format version, entries)."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    version = info.get("kronfact_format") if isinstance(info, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path} uses kronfact format {version!r}, but this kronfact reads format "
+                         f"{FORMAT_VERSION!r}; upgrade kronfact to read it")
+    modules = _parse_modules(info.get("modules"), str(path))
+    if not modules:
+        raise ValueError(f"{path} lists no compressed module; a folder without Kronecker layers has no kronfact.json")
+    return modules
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
@@ -306,28 +335,13 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     import transformers
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path} is not a transformers model folder (no config.json)")
-    config = transformers.AutoConfig.from_pretrained(path)
-    names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is None:
-        raise ValueError(f"{path}/config.json names architectures {names}, none a transformers class; build the "
-                         f"model yourself and call kronfact.load('{path / WEIGHTS_NAME}', model)")
+    config, cls = model_class(path)
     kw = {} if dtype is None else {"dtype": dtype}
     if not (path / KRONFACT_JSON).is_file():
         model = cls.from_pretrained(path, **kw)
         return model if device is None else model.to(device)
     info_path = path / KRONFACT_JSON
-    try:
-        info = json.loads(info_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{info_path} is not valid JSON ({e})") from None
-    version = info.get("kronfact_format") if isinstance(info, dict) else None
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{info_path} uses kronfact format {version!r}, but this kronfact reads format "
-                         f"{FORMAT_VERSION!r}; upgrade kronfact to read it")
-    listed = _parse_modules(info.get("modules"), str(info_path))
+    listed = read_kronfact_json(info_path)
     model = cls._from_config(config, **kw)
     load(path / WEIGHTS_NAME, model)
     if compressed_modules(model) != listed:
@@ -370,6 +384,7 @@ def merge(model: nn.Module) -> nn.Module:
     """
     if isinstance(model, KronLinear):
         return _merged(model)
-    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, KronLinear)]:
-        model.set_submodule(name, _merged(layer))
+    merged: dict[int, nn.Module] = {}  # a layer reachable under several names stays one module
+    for name, layer in [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, KronLinear)]:
+        model.set_submodule(name, merged.setdefault(id(layer), _merged(layer)))
     return model

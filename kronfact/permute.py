@@ -52,6 +52,13 @@ class PermutedFactors:
     out_perm: Tensor
     history: tuple[float, ...]
 
+    @classmethod
+    def unpermuted(cls, factors: KronFactors) -> PermutedFactors:
+        """``factors`` with identity orders (no gathers)."""
+        (m1, n1), (m2, n2) = factors.shape_a, factors.shape_b
+        arange = lambda n: torch.arange(n, device=factors.a.device)  # noqa: E731
+        return cls(factors, arange(n1 * n2), arange(m1 * m2), (factors.rel_error,))
+
     @property
     def rel_error(self) -> float:
         return self.factors.rel_error

@@ -60,6 +60,7 @@ class LayerRule:
 
     shape_a: list[int] | None = None  # nn.Linear orientation (out, in) of A
     rank: int | None = None
+    max_rank: int | None = None  # caps the rank the budget / ratio solver may pick for these modules
     init: Literal["vanloan", "prune", "random"] | None = None
     prune_index: list[list[int]] | None = None
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,9 +28,10 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from .budget import Option, candidate_shapes, error_curve, layer_options, solve
+from .calibrate import calibrated_decompose, calibrated_error_curve, collect_input_moments
 from .kron import INITS, check_shape_a, decompose
-from .layer import KronLinear
 from .modules import count_parameters, is_conv1d, linear_weight
+from .permute import PermutedFactors, permuted_decompose
 from .rules import Rules, Target, select
 
 # (layer name, weight (out, in), shape_a) → relative error at rank 0 … max: data-aware error curves.
@@ -229,6 +230,17 @@ def _curve(layer: _Layer, shape_a: tuple[int, int], curves: ErrorCurves | None) 
     return curve[:(q if layer.init == "prune" else min(p, q)) + 1].detach().double().cpu()
 
 
+def _factorize(layer: _Layer, option: Option, moment: Tensor | None, permute: int) -> PermutedFactors:
+    """The planned fit of one layer: Van Loan / prune / random, calibrated and/or permuted."""
+    if permute:
+        return permuted_decompose(layer.weight, option.shape_a, option.rank, iters=permute, moment=moment)
+    if moment is not None:
+        f = calibrated_decompose(layer.weight, moment, option.shape_a, option.rank)
+    else:
+        f = decompose(layer.weight, option.shape_a, option.rank, layer.init, prune_index=layer.prune_index)
+    return PermutedFactors.unpermuted(f)
+
+
 def _plan(layers: list[_Layer], budget: int, fixed: int, error_weights: Any, progress: bool) -> list[Option]:
     """The solver's option for every layer (spectra first: one SVD per layer and candidate shape)."""
     curves, weights = _curve_fn(error_weights, layers)
@@ -253,6 +265,7 @@ def compress(model: nn.Module, rules: Rules = "mlp.*", budget: float | None = No
              shape_a: Sequence[int] | Sequence[Sequence[int]] | None = None, rank: int | None = None,
              init: str = "vanloan", max_rank: int | None = None,
              error_weights: Mapping[str, float] | ErrorCurves | None = None,
+             calibration: Iterable[Any] | None = None, permute: int = 0,
              progress: bool = True) -> CompressionReport:
     """Replace the layers ``rules`` select (:mod:`kronfact.rules`) by KronLinear, in place; return a report.
 
@@ -271,6 +284,14 @@ def compress(model: nn.Module, rules: Rules = "mlp.*", budget: float | None = No
     - ``error_weights``: a dict {layer name: weight of its squared error} or a function
       (name, weight (out, in), shape_a) → relative error at rank 0 … max (e.g.
       :func:`kronfact.calibrate.calibration_errors`) replacing the Frobenius curves.
+    - ``calibration``: batches the model is run on (``model(**batch)`` for a mapping, ``model(*batch)``
+      for a tuple, ``model(batch)`` for a tensor, e.g. tokenized text). Activation-aware factorization
+      (:mod:`kronfact.calibrate`): the input second moment of every selected layer is collected once,
+      the solver weighs the calibrated errors ‖(W − Ŵ)·Xᵀ‖/‖W·Xᵀ‖ (unless ``error_weights`` is given)
+      and each layer is fitted by :func:`kronfact.calibrate.calibrated_decompose`. Van Loan init only.
+    - ``permute``: rounds of row/column permutation search per layer
+      (:func:`kronfact.permute.permuted_decompose`; 0 = off). The orders become gathers in the
+      KronLinear; :func:`kronfact.permute.fold_permutations` then removes the output gathers of MLPs.
 
     nn.Linear and Conv1D (factored through its transposed weight; the KronLinear computes the same
     function and merges back to a Conv1D) are replaced by ``KronLinear`` on the module's device and in
@@ -281,7 +302,21 @@ def compress(model: nn.Module, rules: Rules = "mlp.*", budget: float | None = No
     defaults = {"shape_a": shape_a, "rank": rank, "init": init, "max_rank": max_rank}
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if isinstance(permute, bool) or not isinstance(permute, int) or permute < 0:
+        raise ValueError(f"permute must be a non-negative int (rounds of permutation search; 0 = off), got {permute!r}")
     layers = [_layer(t, defaults) for t in select(model, rules)]
+    moments = None
+    if calibration is not None or permute:
+        other = [f"{layer.name} (init={layer.init!r})" for layer in layers if layer.init != "vanloan"]
+        if other:
+            raise ValueError(f"calibration= and permute= refine Van Loan's fit, but {', '.join(other[:4])} "
+                             "asked for another init; drop the option or use init='vanloan'")
+    if calibration is not None:
+        if isinstance(calibration, (Tensor, Mapping)):
+            calibration = [calibration]
+        moments = collect_input_moments(model, [layer.name for layer in layers], calibration)
+        if error_weights is None:
+            error_weights = lambda name, weight, shape_a: calibrated_error_curve(weight, moments[name], shape_a)  # noqa: E731
     before = count_parameters(model)
     fixed = before - sum(layer.replaced for layer in layers)
 
@@ -298,25 +333,22 @@ def compress(model: nn.Module, rules: Rules = "mlp.*", budget: float | None = No
         target = int(budget) if budget is not None else before - selected + math.floor(ratio * selected)
         plan = _plan(layers, target, fixed, error_weights, progress)
 
-    factors = []
+    factors: list[PermutedFactors | None] = []
     for layer, option in track(list(zip(layers, plan, strict=True)), description="kronfact: factorizing",
                                disable=not progress, transient=True):
-        if option.dense:
-            factors.append(None)
-            continue
+        moment = None if moments is None else moments[layer.name]
         try:
-            factors.append(decompose(layer.weight, option.shape_a, option.rank, layer.init,
-                                     prune_index=layer.prune_index))
+            factors.append(None if option.dense else _factorize(layer, option, moment, permute))
         except ValueError as err:
             raise ValueError(f"{layer.name}: {err}") from None
 
     rows = []
-    for layer, f in zip(layers, factors, strict=True):
-        if f is None:
+    for layer, fit in zip(layers, factors, strict=True):
+        if fit is None:
             continue
-        module, bias = layer.target.module, layer.bias
-        new = KronLinear.from_factors(f, None if bias is None else bias.detach(),
-                                      orientation="conv1d" if is_conv1d(module) else "linear")
+        module, bias, f = layer.target.module, layer.bias, fit.factors
+        new = fit.to_layer(None if bias is None else bias.detach(),
+                           orientation="conv1d" if is_conv1d(module) else "linear")
         new.train(module.training)
         new.a.requires_grad_(module.weight.requires_grad)
         new.b.requires_grad_(module.weight.requires_grad)

@@ -33,10 +33,8 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +46,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .atomic import staged_dir
+from .evaluate import _logits
 from .layer import KronLinear
 
 Objective = Literal["auto", "lm", "hidden"]
@@ -58,9 +58,36 @@ _SCHEDULE_FIELDS = ("tokens", "seq_len", "batch_size", "grad_accum", "lr", "min_
                     "hidden_cosine", "seed", "fsdp")
 
 
+_INT_FIELDS = ("tokens", "seq_len", "batch_size", "grad_accum", "eval_every", "eval_tokens", "save_every", "seed")
+_FLOAT_FIELDS = ("lr", "min_lr_ratio", "warmup", "weight_decay", "eps", "grad_clip", "alpha", "temperature",
+                 "hidden_mse", "hidden_cosine")
+
+
+def _whole(name: str, value: Any) -> Any:
+    """An int field: ints as they are, integral floats (1e6, as TOML and JSON write them) as ints;
+    anything else (1e6 + 0.5, "8", True) is a ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"TrainConfig: {name} must be an integer, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"TrainConfig: {name} must be a whole number, got {value!r}")
+        return int(value)
+    return value
+
+
 @dataclass
 class TrainConfig:
-    """Recovery-training settings. ``tokens`` counts training tokens over all ranks and micro-batches."""
+    """Recovery-training settings. ``tokens`` counts training tokens over all ranks and micro-batches.
+
+    Integer fields (``tokens``, ``seq_len``, ``batch_size``, ``grad_accum``, ``eval_every``,
+    ``eval_tokens``, ``save_every``, ``seed``) accept whole-number floats such as ``1e6`` and store them
+    as ints; a fractional value is a ValueError.
+
+    ``warmup`` is read by its value, not its type (TOML and JSON blur 1000 and 1000.0):
+    ``0 ≤ warmup < 1`` is a fraction of the optimizer steps (0.02: the first 2%, rounded to whole
+    steps); ``warmup ≥ 1`` is a number of steps and must be whole (1000 or 1e3 → 1000 steps;
+    1.0 → one step; 2.5 is a ValueError). A warmup longer than the run is cut to the run.
+    """
 
     tokens: int = 1_000_000
     seq_len: int | None = None          # window length; default: the model's context
@@ -68,7 +95,7 @@ class TrainConfig:
     grad_accum: int = 1                 # micro-batches per optimizer step
     lr: float = 3e-4
     min_lr_ratio: float = 0.1           # cosine decays to lr·min_lr_ratio
-    warmup: float = 0.02                # < 1: fraction of the steps; ≥ 1: number of steps
+    warmup: float = 0.02                # [0, 1): fraction of the steps; ≥ 1: a whole number of steps
     weight_decay: float = 0.1           # on the Kronecker factors only
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -92,13 +119,26 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]  # TOML/JSON give lists
-        if isinstance(self.tokens, float) and self.tokens.is_integer():  # tokens=5e6
-            self.tokens = int(self.tokens)
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if value is not None or name not in ("seq_len", "eval_tokens"):
+                setattr(self, name, _whole(name, value))
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"TrainConfig: {name} must be a number, got {value!r}")
+        if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.betas):
+            raise ValueError(f"TrainConfig: betas must be two numbers, got {self.betas!r}")
+        if self.warmup >= 1:
+            if not float(self.warmup).is_integer():
+                raise ValueError(f"TrainConfig: warmup={self.warmup!r} is ambiguous: a value < 1 is a fraction of "
+                                 "the steps, a value ≥ 1 a whole number of steps (e.g. warmup=0.05 or warmup=500)")
+            self.warmup = int(self.warmup)
         checks = [
             ("tokens", self.tokens >= 1), ("batch_size", self.batch_size >= 1), ("grad_accum", self.grad_accum >= 1),
             ("seq_len", self.seq_len is None or self.seq_len >= 2), ("lr", self.lr > 0),
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1), ("warmup", self.warmup >= 0),
-            ("weight_decay", self.weight_decay >= 0), ("grad_clip", self.grad_clip >= 0),
+            ("weight_decay", self.weight_decay >= 0), ("eps", self.eps > 0), ("grad_clip", self.grad_clip >= 0),
             ("alpha", 0 <= self.alpha <= 1), ("temperature", self.temperature > 0),
             ("hidden_mse", self.hidden_mse >= 0), ("hidden_cosine", self.hidden_cosine >= 0),
             ("eval_every", self.eval_every >= 0), ("save_every", self.save_every >= 0),
@@ -186,6 +226,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to lr·min_lr_ratio."""
+    # warmup < 1: a fraction of the steps; ≥ 1: whole steps (TrainConfig validates and documents this)
     warmup = round(config.warmup * total_steps) if config.warmup < 1 else int(config.warmup)
     warmup = min(warmup, total_steps)
     if step < warmup:
@@ -206,38 +247,19 @@ TRAIN_DATASETS: dict[str, list[tuple[str, str | None]]] = {
 }
 
 
-def _dataset_texts(name: str, split: str) -> Iterable[str]:
-    from .evaluate import DatasetUnavailableError
-
-    try:
-        import datasets
-    except ImportError:
-        raise DatasetUnavailableError(f"training on {name} needs the `datasets` package (pip install datasets) and "
-                                      "the network; or give local text files instead") from None
-    errors = []
-    for path, config in TRAIN_DATASETS[name]:
-        try:
-            stream = datasets.load_dataset(path, config, split=split, streaming=True)
-            return (row["text"] for row in stream)
-        except Exception as err:  # connection, offline mode, missing config: many types
-            errors.append(f"{path}: {type(err).__name__}: {str(err)[:200]}")
-    raise DatasetUnavailableError(f"cannot load {name} ({split}) through datasets — the hub is unreachable or "
-                                  f"offline ({'; '.join(errors)}); give local text files instead")
-
-
 def load_tokens(source: str | os.PathLike, tokenizer: Any, *, split: str = "train",
                 max_tokens: int | None = None) -> Tensor:
     """A 1-D LongTensor token stream from a UTF-8 text file, a folder of ``*.txt`` files (sorted,
     concatenated), or a dataset name in :data:`TRAIN_DATASETS` (``split`` of it, streamed through
     ``datasets``; documents joined by the tokenizer's end-of-text token when it has one).
     At most ``max_tokens`` tokens (needed for the huge openwebtext)."""
-    from .evaluate import encode, tokenize_file
+    from .evaluate import encode, hub_texts, tokenize_file
 
     name = str(source)
     if name in TRAIN_DATASETS:
         eos = _eos_id(tokenizer)
         ids: list[int] = []
-        for text in _dataset_texts(name, split):
+        for text in hub_texts(TRAIN_DATASETS[name], split, streaming=True, what=f"{name} ({split})"):
             ids += encode(tokenizer, text) + ([] if eos is None else [eos])
             if max_tokens is not None and len(ids) >= max_tokens:
                 break
@@ -354,20 +376,8 @@ def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> di
 
 def _write_dir(target: Path, write: Callable[[Path], None]) -> None:
     """Write a folder via a temp folder beside ``target``, then swap it in (never half-written)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staged_dir(target) as tmp:
         write(tmp)
-        if target.exists():
-            old = tmp.with_name(tmp.name + ".old")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _model_state(model: nn.Module, d: _Dist) -> dict[str, Tensor]:
@@ -487,8 +497,16 @@ def _context(model: nn.Module) -> int:
     return model_context(_unwrap(model))
 
 
-def _logits(out: Any) -> Tensor:
-    return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+def _check_seq_len(model: nn.Module, seq_len: int) -> None:
+    """A ValueError when ``seq_len`` exceeds the positions the model has (skipped when its config does
+    not tell): a longer window would fail deep inside the position embedding."""
+    try:
+        limit = _context(model)
+    except ValueError:
+        return
+    if seq_len > limit:
+        raise ValueError(f"TrainConfig.seq_len={seq_len} is longer than the model's context of {limit} positions: "
+                         f"set seq_len to at most {limit} (or leave it None to use the model's context)")
 
 
 def _hidden(model: nn.Module, ids: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -507,6 +525,8 @@ def embedding_cosine(model: nn.Module, reference: nn.Module, tokenizer: Any, tex
                      batch_size: int = 32, max_length: int = 128) -> float:
     """Mean cosine similarity of ``model``'s and ``reference``'s sentence embeddings (mean-pooled last
     hidden states, padding masked out) over ``texts``, each tokenized with its special tokens."""
+    if not texts:
+        raise ValueError("embedding_cosine needs at least one text, got an empty list")
     device = next(model.parameters()).device
     total = 0.0
     for start in range(0, len(texts), batch_size):
@@ -540,11 +560,11 @@ class _Objective:
         c = self.config
         if self.kind == "lm":
             x, y = batch[:, :-1], batch[:, 1:]
-            logits = _logits(model(input_ids=x))
+            logits = _logits(model, x)
             teacher = None
             if c.distill:
                 with torch.no_grad():
-                    teacher = _logits(self.teacher(input_ids=x))
+                    teacher = _logits(self.teacher, x)
             return distillation_loss(logits, teacher, y, c.alpha if c.distill else 0.0, c.temperature)
         with torch.no_grad():
             target = _hidden(self.teacher, batch)
@@ -668,6 +688,8 @@ def train(
     if not isinstance(data, Tensor) or data.dim() != 1 or data.is_floating_point():
         raise ValueError("data must be a 1-D integer tensor of token ids (see kronfact.train.load_tokens)")
     seq_len = config.seq_len or _context(model)
+    if config.seq_len is not None:
+        _check_seq_len(model, config.seq_len)
     objective = _Objective(kind, config, teacher)
     if data.numel() < objective.window(seq_len):
         raise ValueError(f"data holds {data.numel()} tokens, fewer than one window of {objective.window(seq_len)}")

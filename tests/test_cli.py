@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from kronfact import cli
-from kronfact.cli import app, candidate_shapes
+from kronfact.cli import analyze_shapes, app
 from kronfact.kron import decompose, factor_shapes
 
 runner = CliRunner()
@@ -131,6 +131,10 @@ def test_analyze_rules_select_modules(ckpt):
     assert {r["name"] for r in rows} == {"layers.0.mlp.up_proj", "layers.0.mlp.down_proj", "layers.1.mlp.up_proj"}
     rows, _ = analyze_rows(ckpt, "--rules", "embed_tokens")
     assert {r["name"] for r in rows} == {"embed_tokens"}  # asked for explicitly
+    rows, _ = analyze_rows(ckpt, "--rules", "mlp.*,!layers.1.*")  # kronfact.rules semantics: exclusions
+    assert {r["name"] for r in rows} == {"layers.0.mlp.up_proj", "layers.0.mlp.down_proj"}
+    rows, _ = analyze_rows(ckpt, "--rules", r"re:^layers\.\d{1,2}\.mlp\.up_proj$")  # a regex keeps its commas
+    assert {r["name"] for r in rows} == {"layers.0.mlp.up_proj", "layers.1.mlp.up_proj"}
 
 
 def test_analyze_plot_writes_a_png(ckpt, tmp_path):
@@ -145,15 +149,15 @@ def test_analyze_plot_without_matplotlib(ckpt, tmp_path, monkeypatch):
     assert_bad_input(invoke("analyze", ckpt, "--plot", tmp_path / "err.png"), "needs matplotlib", "kronfact[plot]")
 
 
-def test_candidate_shapes_grid_keeps_corners_and_respects_max_side():
-    a_shapes = {s.shape_a for s in candidate_shapes(3072, 768, grid=4, max_side=1024)}
+def test_analyze_shapes_grid_keeps_corners_and_respects_max_side():
+    a_shapes = {s.shape_a for s in analyze_shapes(3072, 768, grid=4, max_side=1024)}
     assert (3072, 1) in a_shapes  # plain low rank: R(W) is W, short side 768
     assert (1, 768) not in a_shapes and (1, 1) not in a_shapes and (3072, 768) not in a_shapes
     assert 4 <= len(a_shapes) <= 16
-    big = candidate_shapes(4096, 4096, grid=4, max_side=1024)
+    big = analyze_shapes(4096, 4096, grid=4, max_side=1024)
     assert (4096, 1) not in {s.shape_a for s in big}  # short side 4096: too costly
     assert big and all(min(s.shape_a[0] * s.shape_a[1], s.shape_b[0] * s.shape_b[1]) <= 1024 for s in big)
-    every = candidate_shapes(24, 8, grid=0, max_side=10**6)
+    every = analyze_shapes(24, 8, grid=0, max_side=10**6)
     assert len(every) == len(factor_shapes(24, 8)) - 3
 
 
@@ -335,6 +339,7 @@ def test_eval_bad_inputs(gpt2_dir, text_file, tmp_path, monkeypatch):
     assert_bad_input(invoke("eval", tmp_path / "none", "--text", text_file), "does not exist")
     assert_bad_input(invoke("eval", gpt2_dir, "--text", text_file, "--protocol", "x"), "--protocol must be")
     assert_bad_input(invoke("eval", gpt2_dir, "--text", text_file, "--stride", 64), "stride must be")
+    assert_bad_input(invoke("eval", gpt2_dir, "--text", text_file, "--context", 64), "exceeds the model's 32 positions")
     monkeypatch.setitem(sys.modules, "datasets", None)
     assert_bad_input(invoke("eval", gpt2_dir, "--dataset", "wikitext-103"), "datasets", "--text FILE")
 
@@ -449,3 +454,39 @@ def test_compress_bad_options(gpt2_dir, tmp_path):
                      "--shape-a must look like")
     assert_bad_input(invoke("compress", gpt2_dir, "-o", tmp_path / "o", "--rules", "decoder.*", "--ratio", "0.8"))
     assert not (tmp_path / "o").exists()
+
+
+def test_compress_with_calibration_text_and_permutations(gpt2_dir, text_file, tmp_path):
+    out = tmp_path / "cal"
+    result = invoke("compress", gpt2_dir, "-o", out, "--ratio", "0.5", "--calibration-text", text_file,
+                    "--calibration-windows", "4", "--permute", "2", "--rules", "mlp.c_fc")
+    assert result.exit_code == 0, result.output
+    layers = json.loads((out / "compression_report.json").read_text())["layers"]
+    assert layers and all(r["init"].startswith("calibrated") and ".mlp.c_fc" in r["name"] for r in layers)
+    assert reported_ppl(invoke("eval", out, "--text", text_file, "--context", 16)) > 1
+    assert_bad_input(invoke("compress", gpt2_dir, "-o", tmp_path / "x", "--ratio", "0.5", "--calibration-text",
+                            tmp_path / "missing.txt"), "--calibration-text")
+    assert not (tmp_path / "x").exists()
+
+
+def test_compress_a_safetensors_file_with_config_beside_it(gpt2_dir, text_file, tmp_path):
+    out = tmp_path / "from-file"
+    result = invoke("compress", gpt2_dir / "model.safetensors", "-o", out, "--ratio", "0.5")
+    assert result.exit_code == 0, result.output
+    assert {"config.json", "model.safetensors", "kronfact.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert reported_ppl(invoke("eval", out, "--text", text_file, "--context", 16)) > 1
+    for bad in ("inf", "nan", "-5"):
+        assert_bad_input(invoke("compress", gpt2_dir, "-o", tmp_path / "b", "--budget", bad), "--budget must be")
+    assert not (tmp_path / "b").exists()
+
+
+def test_info_refuses_empty_or_future_metadata(compressed_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(compressed_dir, folder)
+    meta = json.loads((folder / "kronfact.json").read_text())
+    (folder / "kronfact.json").write_text(json.dumps({**meta, "modules": []}))
+    assert_bad_input(invoke("info", folder), "lists no compressed module")
+    (folder / "kronfact.json").write_text(json.dumps({**meta, "kronfact_format": "99"}))
+    assert_bad_input(invoke("info", folder), "format '99'", "upgrade kronfact")

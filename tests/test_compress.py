@@ -287,3 +287,81 @@ def test_models_without_eligible_layers_and_already_compressed_ones():
     with pytest.raises(ValueError, match="matches no layer kronfact can replace.*KronLinear"):
         compress(model, "mlp.*", ratio=0.5, progress=False)
     assert_unchanged(model, snap)
+
+
+# --------------------------------------------------------------------------- calibration and permutation
+
+def _calibration_batches(n=4, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 1000, (4, 8), generator=g) for _ in range(n)]
+
+
+def _calibrated_errors(model, original, batches):
+    """‖(W − Ŵ)·Xᵀ‖_F per replaced layer, X = the layer's inputs in the original model."""
+    from kronfact.calibrate import collect_input_moments
+
+    names = [n for n, m in model.named_modules() if isinstance(m, KronLinear)]
+    moments = collect_input_moments(original, names, batches)
+    out = {}
+    for n in names:
+        diff = (linear_weight(original.get_submodule(n)) - model.get_submodule(n).to_dense()).detach().double()
+        out[n] = float(torch.einsum("oi,ij,oj->", diff, moments[n].double(), diff)) ** 0.5
+    return out
+
+
+def test_calibration_never_fits_worse_on_the_calibration_objective():
+    original, batches = Toy(), _calibration_batches()
+    plain, calibrated = copy.deepcopy(original), copy.deepcopy(original)
+    rules = {"blocks.*.mlp.fc1": {"shape_a": (8, 4), "rank": 2}, "blocks.*.mlp.fc2": {"shape_a": (4, 8), "rank": 2}}
+    compress(plain, rules, progress=False)
+    report = compress(calibrated, rules, calibration=batches, progress=False)
+    assert {r.init for r in report.layers} == {"calibrated"}
+    ours, theirs = _calibrated_errors(calibrated, original, batches), _calibrated_errors(plain, original, batches)
+    assert all(ours[n] <= theirs[n] * (1 + 1e-6) + 1e-9 for n in ours)
+    assert sum(ours.values()) < sum(theirs.values())  # and strictly better overall on these layers
+
+
+def test_calibration_drives_the_budget_solver_and_fits_the_budget():
+    model, batches = Toy(), _calibration_batches()
+    budget = count_parameters(model) - mlp_params(model) // 2
+    # a calibration generator is consumed once: moments are collected a single time
+    report = compress(model, "mlp.*", budget=budget, calibration=(b for b in batches), progress=False)
+    assert report.params_after <= budget and report.params_after == count_parameters(model)
+    assert all(r.init == "calibrated" for r in report.layers)
+    assert model(IDS).shape == (3, 5, 4)
+
+
+def test_permutation_search_moves_toward_a_hidden_kronecker_structure():
+    model = Toy()
+    g = torch.Generator().manual_seed(3)
+    layer = model.blocks[0]["mlp"].fc1  # (64, 16)
+    k = torch.kron(torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g))
+    rows, cols = torch.randperm(64, generator=g), torch.randperm(16, generator=g)
+    with torch.no_grad():
+        layer.weight.copy_(k[rows][:, cols])
+    plain = copy.deepcopy(model)
+    rule = {"blocks.0.mlp.fc1": {"shape_a": (8, 4), "rank": 1}}
+    before = compress(plain, rule, progress=False).layers[0].rel_error
+    x = torch.randn(7, 16)
+    want = layer(x)
+    report = compress(model, rule, permute=10, progress=False)
+    new = model.blocks[0]["mlp"].fc1
+    assert report.layers[0].rel_error < before - 0.05  # the search moves rows/columns toward the structure
+    assert new.in_perm is not None or new.out_perm is not None
+    torch.testing.assert_close(new(x), x @ new.to_dense().T + new.bias)
+    torch.testing.assert_close(new.to_dense(), linear_weight(layer), atol=report.layers[0].rel_error * 20, rtol=0)
+    assert float((new(x) - want).detach().norm() / want.detach().norm()) < 3 * report.layers[0].rel_error + 1e-4
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"permute": -1}, "permute must be a non-negative int"),
+    ({"permute": 2, "init": "prune"}, "refine Van Loan's fit"),
+    ({"calibration": _calibration_batches(1), "init": "random"}, "refine Van Loan's fit"),
+    ({"calibration": []}, "no calibration tokens reached"),
+])
+def test_bad_calibration_or_permutation_options_leave_the_model_unchanged(kwargs, message):
+    model = Toy()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        compress(model, "blocks.*.mlp.fc1", shape_a=(8, 4), rank=1, progress=False, **kwargs)
+    assert_unchanged(model, snap)

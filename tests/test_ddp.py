@@ -47,15 +47,6 @@ def _kill_at_2(entry):
         raise _Killed
 
 
-class _Killed(Exception):
-    pass
-
-
-def _kill_at_2(entry):
-    if entry["step"] == 2:
-        raise _Killed
-
-
 def _worker(rank: int, port: int, folder: str, fsdp: bool) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

@@ -236,7 +236,7 @@ def test_load_dataset_text_without_datasets_installed(monkeypatch):
 
 
 def test_load_dataset_text_offline_names_the_cause(monkeypatch):
-    def load(path, config, split):
+    def load(path, config, split, streaming=False):
         raise ConnectionError("Couldn't reach the hub")
 
     monkeypatch.setitem(sys.modules, "datasets", fake_datasets(load))
@@ -252,7 +252,7 @@ def test_load_dataset_text_offline_names_the_cause(monkeypatch):
 def test_load_dataset_text_uses_non_raw_test_splits(monkeypatch):
     calls = []
 
-    def load(path, config, split):
+    def load(path, config, split, streaming=False):
         calls.append((path, config, split))
         if path == "EleutherAI/lambada_openai":
             raise FileNotFoundError("not cached")
@@ -273,3 +273,29 @@ def test_tiny_gpt2_shakespeare_perplexity_is_plausible(tiny_gpt2_dir, shakespear
     ids = tokenize_file(shakespeare_dir / "val.txt", load_tokenizer(tiny_gpt2_dir))[:20_000]
     ppl = perplexity(model, ids, stride=256, batch_size=16)  # context 256 from the config
     assert 35 < ppl < 90  # the model card's validation perplexity is ≈ 56 at context 256
+
+
+def test_training_data_streams_from_the_hub_with_a_fallback(monkeypatch):
+    from kronfact.train import load_tokens
+
+    calls = []
+
+    def load(path, config, split, streaming=False):
+        calls.append((path, split, streaming))
+        if path == "Skylion007/openwebtext":
+            raise ConnectionError("unreachable")
+        return iter([{"text": "to be or not"}, {"text": "to be"}] * 100)
+
+    class Tok:  # a word-level stand-in with an end-of-text token
+        eos_token_id = 0
+
+        def encode(self, text, add_special_tokens=True):
+            return [len(w) for w in text.split()]
+
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets(load))
+    ids = load_tokens("openwebtext", Tok(), max_tokens=12)
+    assert ids.tolist() == [2, 2, 2, 3, 0, 2, 2, 0, 2, 2, 2, 3]  # documents joined by end-of-text
+    assert calls == [("Skylion007/openwebtext", "train", True), ("openwebtext", "train", True)]
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DatasetUnavailableError, match="openwebtext .train. needs the `datasets` package"):
+        load_tokens("openwebtext", Tok())

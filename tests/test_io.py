@@ -354,3 +354,45 @@ def test_from_pretrained_bad_folders(tmp_path):
     (out / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModel"]}))
     with pytest.raises(ValueError, match="NoSuchModel"):
         kronfact.io.from_pretrained(out)
+
+
+def test_permuted_layers_round_trip_and_merge(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16))
+    g = torch.Generator().manual_seed(1)
+    layer = KronLinear.from_linear(net[0], (8, 4), 2).set_permutations(torch.randperm(16, generator=g),
+                                                                       torch.randperm(64, generator=g))
+    net[0] = layer
+    path = tmp_path / "perm.safetensors"
+    kronfact.io.save(net, path)
+    skeleton = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16))
+    kronfact.io.load(path, skeleton)
+    assert io.compressed_modules(skeleton) == io.compressed_modules(net)
+    assert torch.equal(skeleton[0].in_perm, layer.in_perm) and torch.equal(skeleton[0].out_perm, layer.out_perm)
+    x = torch.randn(5, 16)
+    assert torch.equal(skeleton(x), net(x))
+    merged = kronfact.io.merge(skeleton)
+    assert type(merged[0]) is nn.Linear
+    torch.testing.assert_close(merged(x), net(x))
+
+
+def test_a_module_shared_under_two_names_round_trips_and_merges_as_one(tmp_path):
+    def shared_net():
+        torch.manual_seed(0)
+        net = nn.Module()
+        net.a = nn.Linear(16, 64)
+        net.b = net.a
+        return net
+
+    net = shared_net()
+    kronfact.compress(net, "a", shape_a=(8, 4), rank=2, progress=False)
+    assert net.a is net.b and isinstance(net.b, KronLinear)
+    kronfact.io.save(net, tmp_path / "shared.safetensors")
+    skeleton = kronfact.io.load(tmp_path / "shared.safetensors", shared_net())
+    assert skeleton.a is skeleton.b and isinstance(skeleton.b, KronLinear)
+    assert torch.equal(skeleton.a.to_dense(), net.a.to_dense())
+    x = torch.randn(3, 16)
+    want = net.a(x)
+    kronfact.io.merge(skeleton)
+    assert skeleton.a is skeleton.b and type(skeleton.b) is nn.Linear
+    torch.testing.assert_close(skeleton.b(x), want)

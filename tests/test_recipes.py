@@ -181,3 +181,118 @@ def test_shakespeare_recipe_runs_end_to_end(tiny_gpt2_dir, shakespeare_dir, tmp_
     ids = tokenize_file(shakespeare_dir / "val.txt", load_tokenizer(out / "model"))[:3000]
     assert perplexity(model, ids, context=256, stride=128) == pytest.approx(ppl, rel=1e-5)
     assert os.environ.get("RANK") is None
+
+
+# --------------------------------------------------------------------------- the other families' recipes
+
+
+def _is_bert_mlp(name: str) -> bool:
+    """BERT / ViT (transformers < 5) MLPs: intermediate.dense and the block's own output.dense, never
+    attention.output.dense."""
+    return name.endswith("intermediate.dense") or (name.endswith("output.dense") and "attention" not in name)
+
+
+# recipe file stem → (model kind, tiny local config, which module names are the MLP layers it must compress,
+# attention projections that must stay dense)
+FAMILIES = {
+    "bert-base": ("encoder", lambda: transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100),
+        _is_bert_mlp, ("attention.self.query", "attention.self.key", "attention.self.value",
+                       "attention.output.dense")),
+    "minilm-l6": ("encoder", lambda: transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100),
+        _is_bert_mlp, ("attention.self.query", "attention.self.key", "attention.self.value",
+                       "attention.output.dense")),
+    "llama": ("causal", lambda: transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=100, max_position_embeddings=64),
+        lambda n: n.endswith(("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")),
+    "opt-125m": ("causal", lambda: transformers.OPTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64, vocab_size=100,
+        word_embed_proj_dim=32, max_position_embeddings=64),
+        lambda n: n.endswith((".fc1", ".fc2")),
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")),
+    # transformers ≥ 5 names ViT's MLP mlp.fc1 / mlp.fc2 (earlier: intermediate.dense / output.dense)
+    "vit-base": ("vision", lambda: transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
+        patch_size=8),
+        lambda n: n.endswith(("mlp.fc1", "mlp.fc2")) or _is_bert_mlp(n),
+        ("q_proj", "k_proj", "v_proj", "o_proj", "attention.query", "attention.key", "attention.value",
+         "attention.output.dense")),
+}
+GPT2_FAMILY = set(PAPER) | {"gpt2-budget-81m", "shakespeare-tiny"}
+
+
+def test_every_recipe_is_covered_by_a_family_test():
+    stems = {p.stem for p in ALL}
+    assert stems == GPT2_FAMILY | set(FAMILIES), "a new recipe needs a tiny-model test here"
+    assert GPT2_FAMILY.isdisjoint(FAMILIES)
+
+
+@pytest.mark.parametrize("stem", sorted(FAMILIES))
+def test_family_recipe_compresses_the_mlps_and_leaves_attention_dense(stem):
+    from kronfact.modules import is_eligible
+    from kronfact.surgery import compress
+
+    kind, make_config, is_mlp, attention = FAMILIES[stem]
+    recipe = load_recipe(RECIPES / f"{stem}.toml")
+    assert recipe.model.kind == kind
+    torch.manual_seed(0)
+    auto = transformers.AutoModelForCausalLM if kind == "causal" else transformers.AutoModel  # as run_recipe loads
+    model = auto.from_config(make_config())
+    eligible = {n for n, m in model.named_modules() if is_eligible(m)}
+    mlps = {n for n in eligible if is_mlp(n)}
+    attn = {n for n in eligible if n.endswith(attention)}
+    assert len(mlps) in (4, 6) and len(attn) == 8  # 2 (Llama: 3) MLP layers and 4 attention projections per block
+    kwargs = recipe.compress_kwargs()
+    if "budget" in kwargs:  # an absolute count for the full-size model: ask the tiny one for half of its MLPs
+        mlp_params = sum(p.numel() for n in mlps for p in model.get_submodule(n).parameters())
+        kwargs["budget"] = count_parameters(model) - mlp_params // 2
+    before = count_parameters(model)
+    report = compress(model, recipe.rules(), **kwargs, progress=False)
+    kron = {n for n, m in model.named_modules() if isinstance(m, KronLinear)}
+    assert kron == mlps and not report.kept_dense
+    for name in eligible - mlps:  # attention, pooler, heads: untouched nn.Linear
+        assert type(model.get_submodule(name)) is torch.nn.Linear, name
+    assert attn <= eligible - mlps
+    assert count_parameters(model) < before
+    if "ratio" in kwargs:
+        kept = sum(p.numel() for n in mlps for p in model.get_submodule(n).parameters())
+        assert kept <= kwargs["ratio"] * sum(
+            p.numel() for n in mlps for p in auto.from_config(make_config()).get_submodule(n).parameters())
+
+
+def test_a_bare_output_dense_rule_would_catch_bert_attention():
+    """Why the BERT recipes anchor their rule: the bare name also selects attention.output.dense."""
+    from kronfact.rules import Rule
+
+    assert Rule("output.dense").matches("encoder.layer.0.attention.output.dense")
+    anchored = Rule(r"re:layer\.\d+\.output\.dense$")
+    assert anchored.matches("encoder.layer.0.output.dense")
+    assert not anchored.matches("encoder.layer.0.attention.output.dense")
+
+
+def test_layer_rules_take_max_rank(tmp_path):
+    from kronfact.surgery import compress
+
+    path = tmp_path / "capped.toml"
+    path.write_text('name = "capped"\n[model]\nname = "m"\n[compress]\nratio = 0.5\n'
+                    '[compress.layers."mlp.gate_proj"]\nmax_rank = 1\n'
+                    '[compress.layers."mlp.up_proj"]\n[compress.layers."mlp.down_proj"]\n')
+    recipe = load_recipe(path)
+    assert recipe.rules()["mlp.gate_proj"] == {"max_rank": 1} and recipe.rules()["mlp.up_proj"] == {}
+    _, make_config, _, _ = FAMILIES["llama"]
+
+    def ranks(rules):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(make_config())
+        compress(model, rules, **recipe.compress_kwargs(), progress=False)
+        return {n.rsplit(".", 1)[-1]: m.rank for n, m in model.named_modules() if isinstance(m, KronLinear)}
+
+    free = ranks({"mlp.gate_proj": {}, "mlp.up_proj": {}, "mlp.down_proj": {}})
+    capped = ranks(recipe.rules())
+    assert free["gate_proj"] > 1 and capped["gate_proj"] == 1  # the cap binds, and only where it is set
+    assert capped["up_proj"] > 1
+    with pytest.raises(ValueError, match="max_rank"):
+        load_recipe(path, ['compress.layers."mlp.gate_proj".max_rank=1.5'])

@@ -247,3 +247,166 @@ def test_bad_inputs_are_value_errors():
         train(tiny_gpt2(), torch.rand(100), config())
     with pytest.raises(ValueError, match="fewer than one window"):
         train(tiny_gpt2(), stream(7, 10), config())
+
+
+# ------------------------------------------------------------------------------- config and input checks
+
+
+def test_seq_len_beyond_the_model_context_is_a_clear_error():
+    model = tiny_gpt2()  # n_positions = 32
+    with pytest.raises(ValueError, match=r"seq_len=33 .*context of 32 positions.*at most 32"):
+        train(model, stream(7), config(seq_len=33))
+    assert train(tiny_gpt2(), stream(7), config(seq_len=32, tokens=4 * 2 * 32)).steps == 1  # the limit itself works
+
+
+class PlainLM(torch.nn.Module):
+    """A causal-LM-shaped module without a config: its context is unknown and unlimited."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, 16)
+        self.head = torch.nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids):
+        return self.head(self.emb(input_ids))
+
+
+def test_seq_len_check_is_skipped_when_the_context_is_unknown():
+    result = train(PlainLM(), stream(7), config(objective="lm", seq_len=100, tokens=4 * 2 * 100))
+    assert result.steps == 1 and math.isfinite(result.history[-1]["loss"])
+
+
+@pytest.mark.parametrize("field", ["tokens", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every",
+                                   "eval_tokens", "seed"])
+def test_integer_fields_reject_fractions_and_accept_whole_floats(field):
+    with pytest.raises(ValueError, match=f"{field} must be a whole number"):
+        TrainConfig(**{field: 64 + 0.5})
+    with pytest.raises(ValueError, match=f"{field} must be an integer"):
+        TrainConfig(**{field: "64"})
+    c = TrainConfig(**{field: 64.0})
+    assert getattr(c, field) == 64 and type(getattr(c, field)) is int
+
+
+def test_whole_float_tokens_train_and_fractional_tokens_fail_up_front():
+    with pytest.raises(ValueError, match="tokens must be a whole number"):
+        config(tokens=1e6 + 0.5)
+    result = train(tiny_gpt2(), stream(7), config(tokens=float(4 * 2 * SEQ * 2)))
+    assert result.steps == 2 and isinstance(result.tokens, int)
+
+
+@pytest.mark.parametrize("field", ["lr", "warmup", "eps", "grad_clip", "alpha"])
+def test_float_fields_must_be_numbers(field):
+    with pytest.raises(ValueError, match=f"{field} must be a number"):
+        TrainConfig(**{field: "0.1"})
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: -1.0})
+
+
+@pytest.mark.parametrize("warmup, steps", [(0, 0), (0.25, 5), (0.999, 20), (1, 1), (1.0, 1), (5, 5), (5.0, 5),
+                                           (1e3, 20)])
+def test_warmup_below_one_is_a_fraction_and_from_one_a_whole_number_of_steps(warmup, steps):
+    c = TrainConfig(lr=1.0, warmup=warmup, min_lr_ratio=0.0)
+    if warmup >= 1:
+        assert type(c.warmup) is int
+    lrs = [lr_at(s, 20, c) for s in range(20)]
+    assert lrs[:steps] == pytest.approx([(s + 1) / steps for s in range(steps)])  # linear ramp to lr
+    if steps < 20:
+        assert lrs[steps] == pytest.approx(1.0)  # the cosine starts at the peak right after warmup
+
+
+def test_fractional_warmup_steps_are_rejected():
+    with pytest.raises(ValueError, match=r"warmup=2.5 is ambiguous"):
+        TrainConfig(warmup=2.5)
+
+
+def test_embedding_cosine_needs_texts():
+    from kronfact.train import embedding_cosine
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="at least one text"):
+        embedding_cosine(model, model, CharTokenizer(), [])
+
+
+# ------------------------------------------------------------------------- accumulation, clipping, progress
+
+
+def test_gradient_accumulation_matches_one_big_batch_over_the_same_windows():
+    """One step of batch 4 × accumulation 2 equals one step of batch 8 on the 8 windows its two
+    micro-batches drew (computed here by hand): same loss, same gradient norm, same parameters.
+
+    The trainer draws each micro-batch's windows with its own seed, so a batch-8 run draws other
+    windows; the reference step therefore takes the two micro-batches' windows explicitly. float64
+    weights (the loss itself is taken in float32, as the trainer does) keep summation-order rounding
+    far below the tolerance."""
+    from kronfact.train import _seed, sample_windows
+
+    data = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(3))
+    cfg = config(tokens=4 * 2 * SEQ, warmup=0, grad_clip=0.0, seed=11)  # one optimizer step
+    model = tiny_gpt2(dropout=0.0).double()
+    reference = copy.deepcopy(model)
+    result = train(model, data, cfg)
+    assert result.steps == 1
+
+    windows = torch.cat([sample_windows(data, 4, SEQ + 1, _seed(11, 0, 0, micro)) for micro in range(2)])
+    assert windows.shape == (8, SEQ + 1)
+    reference.train()
+    optimizer = torch.optim.AdamW(param_groups(reference, cfg.weight_decay), lr=lr_at(0, 1, cfg), betas=cfg.betas,
+                                  eps=cfg.eps)
+    logits = reference(input_ids=windows[:, :-1]).logits
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), windows[:, 1:].flatten())
+    loss.backward()
+    grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()
+                                                      if p.grad is not None]))
+    optimizer.step()
+
+    entry = result.history[-1]
+    assert entry["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)
+    assert entry["grad_norm"] == pytest.approx(float(grad_norm), rel=1e-5)  # scale-sensitive, unlike Adam's step
+    trained = dict(model.named_parameters())
+    moved = 0
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(trained[name], p, rtol=0, atol=1e-7, msg=name)
+        moved += not torch.equal(p, dict(tiny_gpt2(dropout=0.0).double().named_parameters())[name])
+    assert moved > 0
+
+
+def _param_change(before: dict[str, torch.Tensor], model: torch.nn.Module) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([(p.detach() - before[n]).norm()
+                                                       for n, p in model.named_parameters()])))
+
+
+def test_gradient_clipping_bounds_the_update():
+    """With weight decay 0, AdamW's first step moves each entry by lr·g/(|g| + eps). With eps = 1 ≫ the
+    clipped gradient, the whole update's norm lies in [lr·c/(c + eps), lr·c/eps] for a clipped norm c,
+    so it measures c: a clip of 1e-3 must leave it at ≈ lr·1e-3; without clipping it is much larger."""
+    lr, eps, clip = 1e-2, 1.0, 1e-3
+    cfg = dict(tokens=4 * 2 * SEQ, warmup=0, weight_decay=0.0, eps=eps, lr=lr)
+    changes = {}
+    for grad_clip in (clip, 0.0):
+        model = tiny_gpt2(dropout=0.0).double()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        result = train(model, stream(7), config(grad_clip=grad_clip, **cfg))
+        changes[grad_clip] = _param_change(before, model)
+        norm = result.history[-1]["grad_norm"]  # recorded before clipping
+        assert norm > 100 * clip
+    assert lr * clip / (clip + eps) * (1 - 1e-9) <= changes[clip] <= lr * clip / eps * (1 + 1e-9)
+    assert changes[0.0] > 50 * changes[clip]
+
+
+def test_progress_bar_runs(monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("kronfact.train")  # the attribute kronfact.train is the function
+    bars = []
+    original = train_module._progress
+
+    def recording(enabled, total, start):
+        bar = original(enabled, total, start)
+        bars.append(bar)
+        return bar
+
+    monkeypatch.setattr(train_module, "_progress", recording)
+    result = train(tiny_gpt2(), stream(7), config(progress=True, tokens=4 * 2 * SEQ * 3))
+    assert result.steps == 3 and len(bars) == 1 and bars[0] is not None  # a real rich bar, not the stand-in
+    task = bars[0].tasks[0]
+    assert task.completed == task.total == 3 and "loss" in task.fields["info"] and "tok/s" in task.fields["info"]

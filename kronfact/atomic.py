@@ -1,0 +1,52 @@
+"""Nothing half-written: a file or folder is written beside its target, then renamed over it.
+
+    with staged_file(path) as tmp:      # tmp: a fresh temp file in path's folder
+        save_file(state, tmp)           # on success tmp replaces path; on any error it is deleted
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def staged_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp file beside ``path`` that replaces ``path`` when the block succeeds (else is removed)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp folder beside ``path`` that replaces ``path`` (file or folder) when the block succeeds.
+
+    The old ``path`` is moved aside, the new one renamed in, then the old one deleted; on any error
+    the temp folder is removed and ``path`` is left as it was. Creates ``path``'s parent folders.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = tmp.with_name(tmp.name + ".old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
