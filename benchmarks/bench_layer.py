@@ -72,6 +72,7 @@ def make_fns(out_f, in_f, shape_a, rank, train):
         layer.load_state_dict(layers["auto"].state_dict())
         layer.train(train)
     x = torch.randn(TOKENS, in_f, requires_grad=train)
+    grad_out = torch.randn(TOKENS, out_f)  # a real upstream gradient (not .sum()'s expanded ones)
 
     def run(module_fn, params):
         if not train:
@@ -80,7 +81,7 @@ def make_fns(out_f, in_f, shape_a, rank, train):
         for p in params:
             p.grad = None
         x.grad = None
-        module_fn(x).sum().backward()
+        module_fn(x).backward(grad_out)
 
     k = layers["auto"]
     fns = {"nn.Linear": lambda: run(linear, linear.parameters()),

@@ -108,28 +108,73 @@ def plan(tokens: int, rank: int, shape_a: tuple[int, int], shape_b: tuple[int, i
                                                 elem_bytes=elem_bytes, cached_dense=cached_dense))
 
 
-def _mm(x: Tensor, w: Tensor) -> Tensor:
-    """(m, k) @ (k, n); a broadcast product when k == 1 (BLAS is slow at rank-1 GEMMs)."""
-    return x * w if x.shape[1] == 1 else x @ w
+def _product(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """(m, k) @ (k, n), plus ``bias`` (p,) added to every p consecutive outputs (row-major) if given.
+
+    A broadcast product when k == 1 (BLAS is slow at rank-1 GEMMs), fused with the bias."""
+    if bias is None:
+        return x * w if x.shape[1] == 1 else x @ w
+    m, n, p = x.shape[0], w.shape[1], bias.numel()
+    if x.shape[1] == 1:
+        return torch.addcmul(bias.view(1, p // n, n), x.view(-1, p // n, 1), w.view(1, 1, n)).view(m, n)
+    out = x @ w
+    out.view(-1, p).add_(bias)
+    return out
 
 
-def kron_matmul(x: Tensor, a: Tensor, b: Tensor, path: str) -> Tensor:
-    """x (t, n1·n2) → x·(Σ_i A_i ⊗ B_i)ᵀ of shape (t, m1·m2), by ``path``; a (r, m1, n1), b (r, m2, n2)."""
+class _MatMul(torch.autograd.Function):
+    """x (m, k) @ w (k, n) [+ bias, see :func:`_product`] whose backward GEMMs, gx = g·wᵀ and
+    gw = xᵀ·g, also become broadcast products when their inner size is 1 — and never materialise
+    autograd's (m, n) temporaries of a broadcast product's backward (a k = 1 product's gradients
+    are two GEMVs). The bias is added in place inside, where autograd does not see a view."""
+
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+        return _product(x, w, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, w, bias = inputs
+        ctx.save_for_backward(x, w)
+        ctx.bias_size = None if bias is None else bias.numel()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, w = ctx.saved_tensors
+        gx = _product(g, w.T) if ctx.needs_input_grad[0] else None
+        gw = _product(x.T, g) if ctx.needs_input_grad[1] else None
+        gb = g.reshape(-1, ctx.bias_size).sum(0) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def _mm(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """(m, k) @ (k, n) [+ bias] for the Kronecker paths (see :class:`_MatMul`)."""
+    return _MatMul.apply(x, w, bias)
+
+
+def kron_matmul(x: Tensor, a: Tensor, b: Tensor, path: str, bias: Tensor | None = None) -> Tensor:
+    """x (t, n1·n2) → x·(Σ_i A_i ⊗ B_i)ᵀ + bias of shape (t, m1·m2), by ``path``; a (r, m1, n1),
+    b (r, m2, n2), bias (m1·m2,) or None."""
     r, m1, n1 = a.shape
     _, m2, n2 = b.shape
     t = x.shape[0]
+    if torch.is_autocast_enabled(x.device.type):  # cast as autocast's GEMMs would, so backward sees one dtype
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, a, b = x.to(dtype), a.to(dtype), b.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     if path == "dense":
-        return x @ kron_sum(a, b).T
+        return F.linear(x, kron_sum(a, b), bias)
     if path == "b_first":
         y = _mm(x.reshape(t * n1, n2), b.reshape(r * m2, n2).T)                   # (t·n1, r·m2)
         y = y.reshape(t, n1, r, m2).permute(0, 3, 2, 1).reshape(t * m2, r * n1)   # (t·m2, r·n1)
         y = _mm(y, a.permute(0, 2, 1).reshape(r * n1, m1))                        # (t·m2, m1)
-        return y.reshape(t, m2, m1).transpose(1, 2).reshape(t, m1 * m2)
+        y = y.reshape(t, m2, m1).transpose(1, 2).reshape(t, m1 * m2)
+        return y if bias is None else y + bias
     if path == "a_first":
         y = x.reshape(t, n1, n2).transpose(1, 2).reshape(t * n2, n1)
         y = _mm(y, a.reshape(r * m1, n1).T)                                       # (t·n2, r·m1)
         y = y.reshape(t, n2, r, m1).permute(0, 3, 2, 1).reshape(t * m1, r * n2)   # (t·m1, r·n2)
-        return _mm(y, b.permute(0, 2, 1).reshape(r * n2, m2)).reshape(t, m1 * m2)
+        return _mm(y, b.permute(0, 2, 1).reshape(r * n2, m2), bias).reshape(t, m1 * m2)
     raise ValueError(f"path must be one of {PATHS}, got {path!r}")
 
 
@@ -294,11 +339,11 @@ class KronLinear(nn.Module):
             return F.linear(x, weight, self.bias)
         if self.in_perm is not None:
             x2 = x2.index_select(1, self.in_perm)
-        y = kron_matmul(x2, self.a, self.b, path)
-        if self.out_perm is not None:
-            y = y.index_select(1, self.out_perm)
-        if self.bias is not None:
-            y += self.bias
+        if self.out_perm is None:
+            y = kron_matmul(x2, self.a, self.b, path, self.bias)
+        else:  # the bias is in output order: add it after the gather
+            y = kron_matmul(x2, self.a, self.b, path).index_select(1, self.out_perm)
+            y = y if self.bias is None else y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

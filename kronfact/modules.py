@@ -32,6 +32,11 @@ def linear_weight(module: nn.Module) -> Tensor:
     raise ValueError(f"{type(module).__name__} is not an nn.Linear or transformers Conv1D")
 
 
+def storage_key(p: Tensor) -> tuple[int, int]:
+    """What identifies a tensor's memory: (storage address, offset); tied tensors share it."""
+    return (p.untyped_storage().data_ptr(), p.storage_offset()) if p.device.type != "meta" else (id(p), 0)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Every parameter element of ``model``, each shared (tied) tensor counted once.
 
@@ -40,7 +45,7 @@ def count_parameters(model: nn.Module) -> int:
     seen: set[tuple[int, int]] = set()
     total = 0
     for _, p in model.named_parameters(remove_duplicate=False):
-        key = (p.untyped_storage().data_ptr(), p.storage_offset()) if p.device.type != "meta" else (id(p), 0)
+        key = storage_key(p)
         if key not in seen:
             seen.add(key)
             total += p.numel()

@@ -37,9 +37,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from .modules import is_eligible
+from .modules import is_eligible, storage_key
 
 Rules = str | Sequence[str] | Mapping[str, Mapping[str, Any] | None]
 OPTION_KEYS: tuple[str, ...] = ("shape_a", "rank", "init", "max_rank", "prune_index")
@@ -137,10 +137,6 @@ class Target:
         return (self.name, *self.aliases)
 
 
-def _storage_key(p: Tensor) -> tuple[int, int]:
-    return (p.untyped_storage().data_ptr(), p.storage_offset()) if p.device.type != "meta" else (id(p), 0)
-
-
 def output_heads(model: nn.Module) -> set[int]:
     """ids of the modules acting as output embedding: ``model.get_output_embeddings()`` and every
     eligible module whose weight is an input embedding's (tied)."""
@@ -153,17 +149,17 @@ def output_heads(model: nn.Module) -> set[int]:
             head = None
         if isinstance(head, nn.Module):
             heads.add(id(head))
-    embeddings = {_storage_key(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    heads |= {id(m) for m in model.modules() if is_eligible(m) and _storage_key(m.weight) in embeddings}
+    embeddings = {storage_key(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    heads |= {id(m) for m in model.modules() if is_eligible(m) and storage_key(m.weight) in embeddings}
     return heads
 
 
 def _shared_with(model: nn.Module, module: nn.Module, names: Sequence[str]) -> list[str]:
     """Parameters of the model outside ``module`` (known as ``names``) that share storage with its own."""
-    own = {_storage_key(p) for p in module.parameters()}
+    own = {storage_key(p) for p in module.parameters()}
     mine = tuple(f"{n}." for n in names)
     return [n for n, p in model.named_parameters(remove_duplicate=False)
-            if _storage_key(p) in own and not n.startswith(mine)]
+            if storage_key(p) in own and not n.startswith(mine)]
 
 
 def _generalize(name: str) -> str:

@@ -122,6 +122,10 @@ def test_compress_save_load_merge(arch, tmp_path):
     assert not any(m.training for m in model.modules())  # eval mode kept (KronLinear's path depends on it)
     after = count_parameters(model)
     assert (report.params_before, report.params_after) == (before, after)
+    assert after == sum(p.numel() for p in model.parameters())  # an independent count (torch dedups tied ones)
+    new = sum(p.numel() for name in mlp for p in model.get_submodule(name).parameters())
+    assert after == before - selected + new  # only the selected layers changed
+    assert sum(r.params_before - r.params_after for r in report.layers) == selected - new
     assert budget * 0.99 <= after <= budget
     compressed = run(model, inputs)
     assert compressed.shape == original.shape and torch.isfinite(compressed).all()
