@@ -118,3 +118,29 @@ def test_fsdp_trains_to_the_ddp_weights_and_resumes(ddp_run, tmp_path):
     assert fsdp.keys() >= ddp.keys()
     for name in ddp:
         torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_recipe_entry_point_runs_under_torchrun(tiny_gpt2_dir, shakespeare_dir, tmp_path):
+    """The user's command, `torchrun --nproc_per_node 2 -m kronfact.cli recipe run …`, as real processes:
+    both ranks compress and train, rank 0 alone evaluates and writes a loadable folder."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port())}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           env["MASTER_PORT"], "-m", "kronfact.cli", "recipe", "run", "recipes/shakespeare-tiny.toml",
+           "--set", "train.tokens=2048", "--set", "train.batch_size=2", "--set", "train.seq_len=64",
+           "--set", "eval.max_tokens=1000", "--set", f"output.dir={out}", "--set", "train.progress=false"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert result["train"]["tokens"] == 2048 and result["train"]["steps"] == 2048 // (2 * 2 * 64)
+    from kronfact import from_pretrained
+    from kronfact.layer import KronLinear as _KL
+
+    model = from_pretrained(out / "model")
+    assert any(isinstance(m, _KL) for m in model.modules())

@@ -119,6 +119,29 @@ def test_empty_batch_and_autocast():
     assert y.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape", [((4, 3), (5, 1)), ((4, 1), (5, 3)), ((1, 3), (20, 4))])
+def test_autocast_training_step_on_every_path(path, shape):
+    """bf16 autocast forward and backward: outputs in bf16, fp32 gradients close to the fp32 ones
+    (size-1 factor dimensions included: they take the broadcast-product GEMMs)."""
+    (m1, n1), (m2, n2) = shape
+    torch.manual_seed(0)
+    layer = KronLinear(n1 * n2, m1 * m2, (m1, n1), rank=2, path=path)
+    x = torch.randn(2, 7, n1 * n2, requires_grad=True)
+    upstream = torch.randn(2, 7, m1 * m2)
+    (layer(x) * upstream).sum().backward()
+    want = [t.grad.clone() for t in (x, layer.a, layer.b, layer.bias)]
+    for t in (x, layer.a, layer.b, layer.bias):
+        t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    (y.float() * upstream).sum().backward()
+    for t, ref in zip((x, layer.a, layer.b, layer.bias), want, strict=True):
+        assert t.grad.dtype == torch.float32
+        torch.testing.assert_close(t.grad, ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiles_without_graph_breaks_and_trains(dtype):
     torch._dynamo.reset()
