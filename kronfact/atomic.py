@@ -2,6 +2,9 @@
 
     with staged_file(path) as tmp:      # tmp: a fresh temp file in path's folder
         save_file(state, tmp)           # on success tmp replaces path; on any error it is deleted
+
+The result gets the permissions a plain ``open()`` / ``mkdir()`` would give it (the umask's), not
+the owner-only ones of ``tempfile``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def staged_file(path: str | os.PathLike) -> Iterator[Path]:
     """A temp file beside ``path`` that replaces ``path`` when the block succeeds (else is removed)."""
@@ -22,6 +31,7 @@ def staged_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -32,21 +42,30 @@ def staged_file(path: str | os.PathLike) -> Iterator[Path]:
 def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
     """A temp folder beside ``path`` that replaces ``path`` (file or folder) when the block succeeds.
 
-    The old ``path`` is moved aside, the new one renamed in, then the old one deleted; on any error
-    the temp folder is removed and ``path`` is left as it was. Creates ``path``'s parent folders.
+    The old ``path`` is moved aside, the new one renamed in (the old one is put back if that fails),
+    then the old one deleted, best effort. On any error before the swap the temp folder is removed
+    and ``path`` is left as it was. Creates ``path``'s parent folders.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = tmp.with_name(tmp.name + ".old")
     try:
         yield tmp
-        if path.exists():
-            old = tmp.with_name(tmp.name + ".old")
+        os.chmod(tmp, 0o777 & ~_umask())
+        if path.exists() or path.is_symlink():
             os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
         else:
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)

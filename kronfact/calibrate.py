@@ -102,12 +102,12 @@ def collect_input_moments(model: nn.Module, module_names: Sequence[str], batches
             counts[name] += x.shape[0]
         return record
 
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # restored module by module (mixed modes stay mixed)
     with ExitStack() as stack, torch.no_grad():
         for name in dict.fromkeys(module_names):
             stack.callback(modules[name].register_forward_pre_hook(hook(name)).remove)
         model.eval()
-        stack.callback(model.train, was_training)
+        stack.callback(lambda: [m.train(mode) for m, mode in modes.items()])
         for batch in batches:
             args, kwargs, mask[0] = _as_call(batch, device)
             model(*args, **kwargs)

@@ -241,19 +241,18 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
 
 def rule_list(text: str | None) -> list[str] | None:
-    """``--rules`` text → patterns of :mod:`kronfact.rules`: comma-separated globs (with "!" exclusions);
-    a pattern starting with "re:" or "!re:" takes the rest of the text whole (regexes may hold commas)."""
+    """``--rules`` text → patterns of :mod:`kronfact.rules`, split at commas outside brackets, so
+    "mlp.*,!h.0.*" is two patterns and "re:h\\.\\d{1,2}\\.mlp" one (a regex's commas sit in braces)."""
     if text is None:
         return None
-    patterns: list[str] = []
-    rest = text
-    while rest.strip():
-        head, sep, tail = rest.partition(",")
-        if head.strip().lstrip("!").startswith("re:"):
-            head, tail = rest, ""
-        if head.strip():
-            patterns.append(head.strip())
-        rest = tail
+    patterns, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += ch in "([{"
+        depth -= ch in ")]}" and depth > 0
+        if ch == "," and depth == 0:
+            if text[start:i].strip():
+                patterns.append(text[start:i].strip())
+            start = i + 1
     if not patterns:
         raise CliError("--rules is empty; give one or more module-name patterns such as 'mlp.*'")
     return patterns

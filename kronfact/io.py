@@ -249,6 +249,13 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         state = load_file(path)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: reading the tensors failed ({e}); the file is corrupt — save it again") from None
+    for name, layer in layers.items():  # the file's gather orders must be permutations (checked before any change)
+        if layer.in_perm is not None or layer.out_perm is not None:
+            try:
+                layer.set_permutations(state[f"{name}.in_perm"] if layer.in_perm is not None else None,
+                                       state[f"{name}.out_perm"] if layer.out_perm is not None else None)
+            except (KeyError, ValueError) as err:
+                raise ValueError(f"{path}: compressed module {name!r}: bad permutation ({err})") from None
     for alias, layer in [(a, layer) for name, layer in layers.items() for a in _aliases(model, name)]:
         model.set_submodule(alias, layer)
     model.load_state_dict(state, strict=False)  # complete: checked by _check_tensors
@@ -301,7 +308,7 @@ def model_class(folder: Path) -> tuple[Any, type]:
         raise ValueError(f"{folder} is not a transformers model folder (no config.json)")
     config = transformers.AutoConfig.from_pretrained(folder)
     names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
+    cls = getattr(transformers, names[0], None) if names and isinstance(names[0], str) else None
     if cls is None:
         raise ValueError(f"{folder}/config.json names architectures {names}, none a transformers class; build the "
                          f"model yourself and call kronfact.load('{folder / WEIGHTS_NAME}', model)")
@@ -338,7 +345,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     config, cls = model_class(path)
     kw = {} if dtype is None else {"dtype": dtype}
     if not (path / KRONFACT_JSON).is_file():
-        model = cls.from_pretrained(path, **kw)
+        model = cls.from_pretrained(path, use_safetensors=True, **kw)  # never unpickle a .bin
         return model if device is None else model.to(device)
     info_path = path / KRONFACT_JSON
     listed = read_kronfact_json(info_path)
@@ -384,7 +391,8 @@ def merge(model: nn.Module) -> nn.Module:
     """
     if isinstance(model, KronLinear):
         return _merged(model)
-    merged: dict[int, nn.Module] = {}  # a layer reachable under several names stays one module
-    for name, layer in [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, KronLinear)]:
-        model.set_submodule(name, merged.setdefault(id(layer), _merged(layer)))
+    layers = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, KronLinear)]
+    merged = {id(m): _merged(m) for _, m in layers}  # one module per layer, even when it has several names
+    for name, layer in layers:
+        model.set_submodule(name, merged[id(layer)])
     return model

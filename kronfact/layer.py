@@ -128,6 +128,8 @@ class _MatMul(torch.autograd.Function):
     autograd's (m, n) temporaries of a broadcast product's backward (a k = 1 product's gradients
     are two GEMVs). The bias is added in place inside, where autograd does not see a view."""
 
+    generate_vmap_rule = True  # torch.func.vmap / per-sample gradients
+
     @staticmethod
     def forward(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
         return _product(x, w, bias)
@@ -158,7 +160,8 @@ def kron_matmul(x: Tensor, a: Tensor, b: Tensor, path: str, bias: Tensor | None 
     r, m1, n1 = a.shape
     _, m2, n2 = b.shape
     t = x.shape[0]
-    if torch.is_autocast_enabled(x.device.type):  # cast as autocast's GEMMs would, so backward sees one dtype
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:  # as autocast's GEMMs would cast,
+        # so that the backward sees one dtype (autocast leaves float64 alone)
         dtype = torch.get_autocast_dtype(x.device.type)
         x, a, b = x.to(dtype), a.to(dtype), b.to(dtype)
         bias = None if bias is None else bias.to(dtype)

@@ -305,6 +305,12 @@ def compress(model: nn.Module, rules: Rules = "mlp.*", budget: float | None = No
     if isinstance(permute, bool) or not isinstance(permute, int) or permute < 0:
         raise ValueError(f"permute must be a non-negative int (rounds of permutation search; 0 = off), got {permute!r}")
     layers = [_layer(t, defaults) for t in select(model, rules)]
+    if budget is None and ratio is None:  # checked before calibration runs the model
+        missing = [layer.name for layer in layers if layer.rank is None or not layer.shapes or len(layer.shapes) > 1]
+        if missing:
+            raise ValueError(f"no budget= or ratio=, so every selected layer needs one shape_a and a rank; missing for "
+                             f"{', '.join(missing[:6])}{' …' if len(missing) > 6 else ''}. Pass budget=/ratio= to let "
+                             "the solver choose, or shape_a=/rank= (globally or per rule)")
     moments = None
     if calibration is not None or permute:
         other = [f"{layer.name} (init={layer.init!r})" for layer in layers if layer.init != "vanloan"]
@@ -321,11 +327,6 @@ def compress(model: nn.Module, rules: Rules = "mlp.*", budget: float | None = No
     fixed = before - sum(layer.replaced for layer in layers)
 
     if budget is None and ratio is None:
-        missing = [layer.name for layer in layers if layer.rank is None or not layer.shapes or len(layer.shapes) > 1]
-        if missing:
-            raise ValueError(f"no budget= or ratio=, so every selected layer needs one shape_a and a rank; missing for "
-                             f"{', '.join(missing[:6])}{' …' if len(missing) > 6 else ''}. Pass budget=/ratio= to let "
-                             "the solver choose, or shape_a=/rank= (globally or per rule)")
         plan = [Option(layer.shapes[0], layer.rank, 0, math.nan) for layer in layers]
         target = None
     else:
@@ -342,7 +343,7 @@ def compress(model: nn.Module, rules: Rules = "mlp.*", budget: float | None = No
         except ValueError as err:
             raise ValueError(f"{layer.name}: {err}") from None
 
-    rows = []
+    rows, built = [], []  # every new layer is built before the first one goes in
     for layer, fit in zip(layers, factors, strict=True):
         if fit is None:
             continue
@@ -354,11 +355,13 @@ def compress(model: nn.Module, rules: Rules = "mlp.*", budget: float | None = No
         new.b.requires_grad_(module.weight.requires_grad)
         if new.bias is not None:
             new.bias.requires_grad_(bias.requires_grad)
-        for name in layer.target.names:
-            model.set_submodule(name, new)
+        built.append((layer.target.names, new))
         rows.append(LayerReport(layer.name, tuple(layer.weight.shape), f.shape_a, f.shape_b, f.rank, f.init,
                                 layer.params, sum(p.numel() for p in new.parameters()), f.rel_error,
                                 new.orientation, layer.target.aliases))
+    for names, new in built:
+        for name in names:
+            model.set_submodule(name, new)
     kept = [layer.name for layer, f in zip(layers, factors, strict=True) if f is None]
     return CompressionReport(rows, before, count_parameters(model), kept, target)
 

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from kronfact import cli
-from kronfact.cli import analyze_shapes, app
+from kronfact.cli import analyze_shapes, app, rule_list
 from kronfact.kron import decompose, factor_shapes
 
 runner = CliRunner()
@@ -490,3 +490,10 @@ def test_info_refuses_empty_or_future_metadata(compressed_dir, tmp_path):
     assert_bad_input(invoke("info", folder), "lists no compressed module")
     (folder / "kronfact.json").write_text(json.dumps({**meta, "kronfact_format": "99"}))
     assert_bad_input(invoke("info", folder), "format '99'", "upgrade kronfact")
+
+
+def test_rules_text_splits_at_commas_outside_brackets():
+    assert rule_list("mlp.*, !h.0.*") == ["mlp.*", "!h.0.*"]
+    assert rule_list(r"re:^h\.\d{1,2}\.mlp$") == [r"re:^h\.\d{1,2}\.mlp$"]
+    assert rule_list("re:(c_fc|c_proj)$,!h.0.*") == ["re:(c_fc|c_proj)$", "!h.0.*"]  # the exclusion is kept
+    assert rule_list(None) is None

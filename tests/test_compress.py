@@ -365,3 +365,22 @@ def test_bad_calibration_or_permutation_options_leave_the_model_unchanged(kwargs
     with pytest.raises(ValueError, match=message):
         compress(model, "blocks.*.mlp.fc1", shape_a=(8, 4), rank=1, progress=False, **kwargs)
     assert_unchanged(model, snap)
+
+
+def test_calibration_keeps_each_module_mode_and_is_not_run_for_an_incomplete_plan():
+    model = Toy()
+    model.blocks[1].train(False)  # mixed modes
+    modes = {n: m.training for n, m in model.named_modules()}
+    runs = []
+
+    def batches():
+        runs.append(1)
+        yield from _calibration_batches(2)
+
+    with pytest.raises(ValueError, match="needs one shape_a and a rank"):
+        compress(model, "mlp.*", calibration=batches(), progress=False)  # no budget, no shapes
+    assert runs == []  # the model never ran
+    compress(model, {"blocks.*.mlp.fc1": {"shape_a": (8, 4), "rank": 1}}, calibration=batches(), progress=False)
+    assert runs == [1]
+    assert {n: m.training for n, m in model.named_modules() if n in modes} == \
+        {n: mode for n, mode in modes.items() if n in dict(model.named_modules())}

@@ -396,3 +396,19 @@ def test_a_module_shared_under_two_names_round_trips_and_merges_as_one(tmp_path)
     kronfact.io.merge(skeleton)
     assert skeleton.a is skeleton.b and type(skeleton.b) is nn.Linear
     torch.testing.assert_close(skeleton.b(x), want)
+
+
+def test_a_file_whose_gather_orders_are_not_permutations_is_refused(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 64))
+    net[0] = KronLinear.from_linear(net[0], (8, 4), 1).set_permutations(torch.randperm(16), None)
+    path = tmp_path / "perm.safetensors"
+    kronfact.io.save(net, path)
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["0.in_perm"] = torch.zeros(16, dtype=torch.long)  # repeated index: silently wrong outputs if loaded
+    save_file(tensors, path, meta)
+    skeleton = nn.Sequential(nn.Linear(16, 64))
+    with pytest.raises(ValueError, match="bad permutation.*not a permutation"):
+        kronfact.io.load(path, skeleton)
+    assert type(skeleton[0]) is nn.Linear  # unchanged

@@ -185,3 +185,23 @@ def test_bad_inputs_to_forward_are_clear_errors():
 def test_public_api_is_exported():
     for name in ["KronLinear", "decompose", "factor_shapes", "kron_spectrum", "KronFactors"]:
         assert hasattr(kronfact, name)
+
+
+@pytest.mark.parametrize("path", ["b_first", "a_first"])
+def test_vmap_per_sample_gradients(path):
+    """torch.func works through the Kronecker paths (per-sample gradients as Opacus-style users need)."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    layer = KronLinear(6, 12, (3, 1), rank=2, path=path)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    xs = torch.randn(4, 5, 6)
+
+    def loss(p, x):
+        return functional_call(layer, p, (x,)).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, xs)
+    for i in range(len(xs)):
+        want = torch.autograd.grad(loss(dict(layer.named_parameters()), xs[i]), list(layer.parameters()))
+        for (name, _), w in zip(layer.named_parameters(), want, strict=True):
+            torch.testing.assert_close(per_sample[name][i], w)
