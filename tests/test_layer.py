@@ -142,19 +142,27 @@ def test_autocast_training_step_on_every_path(path, shape):
         torch.testing.assert_close(t.grad, ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "autocast"])
 def test_compiles_without_graph_breaks_and_trains(dtype):
+    """fullgraph compile of every path, size-1 factor dims (broadcast-product GEMMs) included, in fp32,
+    bf16 and fp32 under bf16 autocast; gradients reach every parameter in its dtype."""
     torch._dynamo.reset()
+    autocast = dtype == "autocast"
+    dtype = torch.float32 if autocast else dtype
     model = nn.Sequential(
         KronLinear(32, 64, (8, 8), 1, path="a_first"), nn.GELU(),
         KronLinear(64, 32, (8, 8), 2, path="b_first"), nn.GELU(),
+        KronLinear(32, 128, (32, 32), 1, path="a_first"), nn.GELU(),   # B (4, 1)
+        KronLinear(128, 32, (32, 32), 1, path="b_first"), nn.GELU(),   # B (1, 4)
         KronLinear(32, 48, (4, 4), 3),
     ).to(dtype)
     x = torch.randn(2, 7, 32, dtype=dtype)
-    eager = model(x)
-    compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
-    out = compiled(x)
-    torch.testing.assert_close(out, eager, rtol=TOL[dtype], atol=TOL[dtype] * 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
+        out = compiled(x)
+    tol = TOL[torch.bfloat16 if autocast else dtype]
+    torch.testing.assert_close(out, eager, rtol=tol, atol=tol * 10)
     out.float().square().mean().backward()
     assert all(p.grad is not None and p.grad.dtype == dtype for p in model.parameters())
 
