@@ -136,7 +136,7 @@ def fmt_row(r: dict, original: int) -> str:
             f"{r['ppl_init']:,.1f} | **{r['ppl']:.2f}** | {r['tokens']:,} | {r['train_seconds']:.0f} |")
 
 
-def verdict(rows: dict[str, dict]) -> str:
+def verdict(rows: dict[str, dict], repeats: dict[str, list[dict]]) -> str:
     """The answer to the paper's question, read off the numbers (whatever they say)."""
     students = [rows[k] for k in ("student", "student-kd") if k in rows]
     krons = [rows[k] for k in ("vanloan", "prune", "random", "solver", "solver-eq") if k in rows]
@@ -150,7 +150,16 @@ def verdict(rows: dict[str, dict]) -> str:
         lines.append(f"At equal parameters ({eq['params']:,} vs {best_student['params']:,}) the Kronecker model "
                      f"(solver) reaches val ppl {eq['ppl']:.2f} against {best_student['ppl']:.2f} for the best "
                      f"student ({best_student['row']}): the Kronecker model "
-                     f"**{'beats' if won else 'does not beat'}** the half-depth student here.")
+                     f"**{'beats' if won else 'does not beat'}** the half-depth student here (seed 0).")
+        both = [row for row in ("solver-eq", best_student["row"]) if row in repeats]
+        if len(both) == 2:
+            ours, theirs = ([r["ppl"] for r in repeats[row]] for row in both)
+            pairs = sum(a < b for a, b in zip(ours, theirs, strict=False))
+            lines.append(f"Over seeds {[r['seed'] for r in repeats['solver-eq']]}: mean {sum(ours) / len(ours):.2f} "
+                         f"vs {sum(theirs) / len(theirs):.2f}, the Kronecker model ahead in {pairs} of "
+                         f"{min(len(ours), len(theirs))} paired seeds.")
+        else:
+            lines.append("One seed: the gap is small, so treat it as suggestive.")
     best_kron = min(krons, key=lambda r: r["ppl"])
     lines.append(f"The best Kronecker row overall is {best_kron['row']} ({best_kron['params']:,} params, "
                  f"{best_kron['params'] - best_student['params']:+,} vs the student) at {best_kron['ppl']:.2f}.")
@@ -175,6 +184,19 @@ def write_report(workdir: Path) -> None:
     missing = [r for r in ROWS if r not in rows]
     details = [f"- {r['row']}: {', '.join(r['layers'])} (mean relative error {r['mean_rel_error']:.3f})"
                for r in rows.values() if "layers" in r]
+    repeats = {row: [rows[row]] + [json.loads(f.read_text()) for f in sorted(workdir.glob(f"{row}-seed*.json"))]
+               for row in rows}
+    repeats = {row: runs for row, runs in repeats.items() if len(runs) > 1}
+    repeat_lines = []
+    if repeats:
+        repeat_lines = ["", "Repeats with other seeds (same tokens and settings; the seed draws the training windows, "
+                        "dropout and any random init):", "",
+                        "| row | seeds | val ppl after, per seed | mean |", "|---|---|---|---:|",
+                        *[f"| {row} | {', '.join(str(r['seed']) for r in runs)} | "
+                          f"{', '.join(format(r['ppl'], '.2f') for r in runs)} | "
+                          f"{sum(r['ppl'] for r in runs) / len(runs):.2f} |"
+                          for row, runs in repeats.items()]]
+        commands = sorted({r["command"] for runs in repeats.values() for r in runs} | set(commands))
     text = "\n".join([
         "## Krony-PT, scaled down: Kronecker MLPs vs a half-depth student (tiny-gpt2-shakespeare)",
         "",
@@ -191,11 +213,12 @@ def write_report(workdir: Path) -> None:
         "| row | model | params (full) | of original | val ppl at init | val ppl after | train tokens | train s |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
         *[fmt_row(r, total) for r in rows.values()],
+        *repeat_lines,
         "",
         "Kronecker layers:",
         *details,
         "",
-        verdict(rows),
+        verdict(rows, repeats),
         "",
         "Krony-PT's claim is about GPT-2 124M trained on OpenWebText on a GPU; this is the same comparison at "
         "5.9M parameters and a CPU-sized token budget, where the embeddings are a smaller share of the model "
@@ -233,9 +256,10 @@ def main() -> None:
         train_ids, val_ids = tokenize_file(DATA / "train.txt", tokenizer), tokenize_file(DATA / "val.txt", tokenizer)
         for row in rows:
             result = run_row(row, args, teacher, train_ids, val_ids)
-            tmp = args.workdir / f".{row}.json.tmp"
+            name = row if args.seed == 0 else f"{row}-seed{args.seed}"  # seed 0 fills the main table
+            tmp = args.workdir / f".{name}.json.tmp"
             tmp.write_text(json.dumps(result, indent=1))
-            os.replace(tmp, args.workdir / f"{row}.json")
+            os.replace(tmp, args.workdir / f"{name}.json")
             print(json.dumps({k: v for k, v in result.items() if k != "layers"}), flush=True)
     if not args.no_write:
         write_report(args.workdir)
