@@ -66,7 +66,8 @@ def test_refinement_never_raises_the_objective(case):
     c = _moment(_randn(tokens, n1 * n2, seed=seed + 1) @ _randn(n1 * n2, n1 * n2, seed=seed + 2))
     errors = [calibrated_error(w, calibrated_decompose(w, c, (m1, n1), rank, damping=0.0, refine=k), c)
               for k in range(4)]
-    assert all(later <= earlier + 1e-12 for earlier, later in zip(errors, errors[1:], strict=False))
+    # errors are √objective: float64 round-off of ~1e-16 in the objective shows as ~1e-8 near an exact fit
+    assert all(later <= earlier + 1e-7 for earlier, later in zip(errors, errors[1:], strict=False))
 
 
 def _spd(n, seed):
