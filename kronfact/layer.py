@@ -181,6 +181,16 @@ def kron_matmul(x: Tensor, a: Tensor, b: Tensor, path: str, bias: Tensor | None 
     raise ValueError(f"path must be one of {PATHS}, got {path!r}")
 
 
+def permute_weight(k: Tensor, in_perm: Tensor | None, out_perm: Tensor | None) -> Tensor:
+    """The weight of a layer computing y = (x[..., in_perm]·kᵀ)[..., out_perm]: k (out, in) with rows
+    gathered by ``out_perm`` and columns scattered by ``in_perm`` (None: that side unpermuted)."""
+    if out_perm is not None:
+        k = k.index_select(0, out_perm)
+    if in_perm is not None:
+        k = torch.empty_like(k).index_copy(1, in_perm, k)
+    return k
+
+
 class KronLinear(nn.Module):
     """y = x·Wᵀ + bias with W = Σ_{i<rank} a[i] ⊗ b[i], never materialised unless that is cheapest.
 
@@ -295,12 +305,7 @@ class KronLinear(nn.Module):
     def to_dense(self) -> Tensor:
         """The layer's weight W̃, shape (out_features, in_features) (differentiable): Σ_i a_i ⊗ b_i,
         with rows gathered by ``out_perm`` and columns scattered by ``in_perm`` when they are set."""
-        weight = kron_sum(self.a, self.b)
-        if self.out_perm is not None:
-            weight = weight.index_select(0, self.out_perm)
-        if self.in_perm is not None:
-            weight = torch.empty_like(weight).index_copy(1, self.in_perm, weight)
-        return weight
+        return permute_weight(kron_sum(self.a, self.b), self.in_perm, self.out_perm)
 
     def to_linear(self) -> nn.Linear:
         """An nn.Linear computing the same function, holding the dense product."""

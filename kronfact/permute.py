@@ -21,7 +21,7 @@ the next layer's input gather where the path between them is elementwise (an MLP
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .calibrate import calibrated_decompose, calibrated_error
 from .kron import KronFactors, check_shape_a, check_weight, decompose, kron_sum
-from .layer import KronLinear
+from .layer import KronLinear, permute_weight
 from .modules import is_conv1d, is_eligible, linear_weight
 
 # Producer → consumer suffix pairs whose path is elementwise (activation, dropout) in the stock
@@ -65,19 +65,20 @@ class PermutedFactors:
 
     @property
     def is_identity(self) -> bool:
-        return bool((self.in_perm == torch.arange(len(self.in_perm), device=self.in_perm.device)).all()
-                    and (self.out_perm == torch.arange(len(self.out_perm), device=self.out_perm.device)).all())
+        return _is_identity(self.in_perm) and _is_identity(self.out_perm)
 
     def to_dense(self) -> Tensor:
         """The approximation of the original weight, (out_features, in_features)."""
-        k = self.factors.to_dense().index_select(0, self.out_perm)
-        return torch.empty_like(k).index_copy(1, self.in_perm, k)
+        return permute_weight(self.factors.to_dense(), self.in_perm, self.out_perm)
 
     def to_layer(self, bias: Tensor | None = None, **kwargs) -> KronLinear:
         """A KronLinear computing x·W̃ᵀ + bias (identity orders are dropped: no gather)."""
-        perms = [None if bool((p == torch.arange(len(p), device=p.device)).all()) else p
-                 for p in (self.in_perm, self.out_perm)]
+        perms = [None if _is_identity(p) else p for p in (self.in_perm, self.out_perm)]
         return KronLinear.from_factors(self.factors, bias, in_perm=perms[0], out_perm=perms[1], **kwargs)
+
+
+def _is_identity(order: Tensor) -> bool:
+    return bool((order == torch.arange(len(order), device=order.device)).all())
 
 
 def _assign(score: Tensor) -> Tensor:
@@ -120,7 +121,7 @@ def permuted_decompose(weight: Tensor, shape_a: Sequence[int], rank: int = 1, *,
             wp, k = w[rows][:, cols], kron_sum(fit.a, fit.b)
             # score[p, i] = ⟨row (column) p of the permuted weight, row (column) i of the fit⟩
             order = _assign(wp @ k.T if axis == 0 else wp.T @ k)
-            if bool((order == torch.arange(len(order), device=order.device)).all()):
+            if _is_identity(order):
                 continue
             new_rows, new_cols = (rows[order], cols) if axis == 0 else (rows, cols[order])
             cand = decompose(w[new_rows][:, new_cols], shape_a, rank, svd=svd)
@@ -136,16 +137,16 @@ def permuted_decompose(weight: Tensor, shape_a: Sequence[int], rank: int = 1, *,
                               "vanloan+permute" if moved else "vanloan")
         return PermutedFactors(factors, cols, out_perm, tuple(history))
     plain = calibrated_decompose(weight, moment, shape_a, rank, svd=svd, **calibrate_kwargs)
-    identity = torch.arange(out_f, device=w.device), torch.arange(in_f, device=w.device)
-    if torch.equal(rows, identity[0]) and torch.equal(cols, identity[1]):
-        return PermutedFactors(plain, identity[1], identity[0], tuple(history))
+    unpermuted = replace(PermutedFactors.unpermuted(plain), history=tuple(history))
+    if _is_identity(rows) and _is_identity(cols):
+        return unpermuted
     m = moment.detach().to(weight.device)
     permuted = calibrated_decompose(weight[rows][:, cols], m[cols][:, cols], shape_a, rank, svd=svd,
                                     **calibrate_kwargs)
     if calibrated_error(weight[rows][:, cols], permuted, m[cols][:, cols]) < calibrated_error(weight, plain, m):
         factors = KronFactors(permuted.a, permuted.b, permuted.rel_error, "calibrated+permute")
         return PermutedFactors(factors, cols, out_perm, tuple(history))
-    return PermutedFactors(plain, identity[1], identity[0], tuple(history))
+    return unpermuted
 
 
 # ------------------------------------------------------------------------------------------ folding
