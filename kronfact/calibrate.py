@@ -52,7 +52,7 @@ _CG_ITERS = 10
 # ----------------------------------------------------------------------------------- input moments
 
 
-def _as_call(batch: Any, device: torch.device) -> tuple[tuple, dict, Tensor | None]:
+def as_call(batch: Any, device: torch.device) -> tuple[tuple, dict, Tensor | None]:
     """A calibration batch → (args, kwargs, attention mask or None), tensors moved to ``device``."""
     def move(v: Any) -> Any:
         return v.to(device) if isinstance(v, Tensor) else v
@@ -109,7 +109,7 @@ def collect_input_moments(model: nn.Module, module_names: Sequence[str], batches
         model.eval()
         stack.callback(lambda: [m.train(mode) for m, mode in modes.items()])
         for batch in batches:
-            args, kwargs, mask[0] = _as_call(batch, device)
+            args, kwargs, mask[0] = as_call(batch, device)
             model(*args, **kwargs)
     empty = [n for n in module_names if counts[n] == 0]
     if empty:

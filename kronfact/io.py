@@ -31,12 +31,14 @@ from torch import Tensor, nn
 from .atomic import staged_dir, staged_file
 from .layer import ORIENTATIONS, KronLinear
 from .modules import is_conv1d, is_eligible, linear_weight
+from .prune import PrunedLinear
 
 FORMAT_VERSION = "1"
 WEIGHTS_NAME = "model.safetensors"
 KRONFACT_JSON = "kronfact.json"
 # Shown in error messages: at most this many offending names.
 _MAX_LISTED = 8
+_KINDS = ("kron", "pruned")
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,13 @@ class CompressedModule:
     bias: bool
     in_perm: bool = False  # gather buffers of a permuted layer (kronfact.permute); optional keys
     out_perm: bool = False
+    kind: str = "kron"  # or "pruned": a PrunedLinear (shape_a = its (out, in), B 1×1, rank 1); optional key
 
     @classmethod
-    def of(cls, name: str, layer: KronLinear) -> CompressedModule:
+    def of(cls, name: str, layer: KronLinear | PrunedLinear) -> CompressedModule:
+        if isinstance(layer, PrunedLinear):
+            return cls(name, layer.in_features, layer.out_features, (layer.out_features, layer.in_features), 1,
+                       "linear", layer.bias is not None, kind="pruned")
         return cls(name, layer.in_features, layer.out_features, layer.shape_a, layer.rank, layer.orientation,
                    layer.bias is not None, layer.in_perm is not None, layer.out_perm is not None)
 
@@ -62,10 +68,11 @@ class CompressedModule:
     def from_dict(cls, entry: Any, source: str) -> CompressedModule:
         """Parse one metadata entry, or raise ValueError naming ``source`` and what is wrong."""
         ints = ("in_features", "out_features", "rank")
-        optional = {"in_perm", "out_perm"}
+        optional = {"in_perm", "out_perm", "kind"}
         ok = (isinstance(entry, dict) and set(cls.__dataclass_fields__) - optional <= set(entry)
               and set(entry) <= set(cls.__dataclass_fields__)
-              and all(isinstance(entry.get(k, False), bool) for k in optional)
+              and all(isinstance(entry.get(k, False), bool) for k in ("in_perm", "out_perm"))
+              and entry.get("kind", "kron") in _KINDS
               and isinstance(entry["name"], str) and entry["name"] != ""
               and all(isinstance(entry[k], int) and not isinstance(entry[k], bool) for k in ints)
               and isinstance(entry["shape_a"], list) and len(entry["shape_a"]) == 2
@@ -75,17 +82,19 @@ class CompressedModule:
             raise ValueError(f"{source}: malformed compressed-module entry {entry!r}; expected keys "
                              f"{sorted(cls.__dataclass_fields__)} with a non-empty name, int sizes, shape_a "
                              f"[m1, n1], orientation in {ORIENTATIONS}, bias (and optional in_perm, out_perm) "
-                             "true/false")
+                             f"true/false, kind in {_KINDS})")
         return cls(**{**entry, "shape_a": tuple(entry["shape_a"])})
 
     def to_dict(self) -> dict[str, Any]:
         entry = {**asdict(self), "shape_a": list(self.shape_a)}
-        return {k: v for k, v in entry.items() if v or k not in ("in_perm", "out_perm")}  # perms only when set
+        return {k: v for k, v in entry.items()  # optional keys only when they differ from their default
+                if not ((k in ("in_perm", "out_perm") and not v) or (k == "kind" and v == "kron"))}
 
 
 def compressed_modules(model: nn.Module) -> list[CompressedModule]:
-    """One entry per KronLinear in ``model``, in ``named_modules`` order."""
-    return [CompressedModule.of(name, m) for name, m in model.named_modules() if isinstance(m, KronLinear)]
+    """One entry per KronLinear and PrunedLinear in ``model``, in ``named_modules`` order."""
+    return [CompressedModule.of(name, m) for name, m in model.named_modules()
+            if isinstance(m, (KronLinear, PrunedLinear))]
 
 
 # ------------------------------------------------------------------------------------------------- files
@@ -167,8 +176,8 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names[:_MAX_LISTED]) + more
 
 
-def _plan(model: nn.Module, entries: list[CompressedModule], source: str) -> dict[str, KronLinear]:
-    """The empty KronLinear to put at each recorded name, after checking it fits the skeleton there."""
+def _plan(model: nn.Module, entries: list[CompressedModule], source: str) -> dict[str, nn.Module]:
+    """The empty KronLinear / PrunedLinear to put at each recorded name, after checking it fits the skeleton."""
     modules = dict(model.named_modules())
     layers = {}
     for e in entries:
@@ -180,8 +189,17 @@ def _plan(model: nn.Module, entries: list[CompressedModule], source: str) -> dic
             raise ValueError(f"{source}: compressed module {e.name!r} does not exist in this "
                              f"{type(model).__name__}" + (f" (closest: {', '.join(close)})" if close else "")
                              + "; load into a skeleton of the same architecture and config")
-        if isinstance(module, KronLinear) and CompressedModule.of(e.name, module) == e:
+        if isinstance(module, (KronLinear, PrunedLinear)) and CompressedModule.of(e.name, module) == e:
             continue  # already restructured the same way
+        if e.kind == "pruned" and is_eligible(module) and not isinstance(module, PrunedLinear):
+            if (module.bias is not None) != e.bias:
+                raise ValueError(f"{source}: {e.name!r} has {'a' if module.bias is not None else 'no'} bias in "
+                                 f"this model, but {'a' if e.bias else 'no'} bias in the file")
+            weight = linear_weight(module)
+            layers[e.name] = PrunedLinear(e.in_features, e.out_features, bias=e.bias, device=weight.device,
+                                          dtype=weight.dtype).train(module.training).requires_grad_(
+                                              weight.requires_grad)
+            continue
         if not is_eligible(module) or is_conv1d(module) != (e.orientation == "conv1d"):
             raise ValueError(f"{source}: {e.name!r} is a {type(module).__name__} in this model, but the file "
                              f"holds a KronLinear that replaced a {replaced}")
@@ -210,7 +228,7 @@ def _aliases(model: nn.Module, name: str) -> list[str]:
     return [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
 
 
-def _check_tensors(model: nn.Module, layers: dict[str, KronLinear], shapes: dict[str, tuple[int, ...]],
+def _check_tensors(model: nn.Module, layers: dict[str, nn.Module], shapes: dict[str, tuple[int, ...]],
                    source: str) -> None:
     """Raise unless the file's tensors are exactly those of ``model`` once ``layers`` are in place."""
     expected = model.state_dict()
@@ -238,8 +256,9 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Restructure the skeleton ``model`` from the metadata of ``path`` and load its tensors; in place.
 
     ``model`` is an uncompressed model of the saved architecture (e.g. built from its config). Each
-    recorded module is replaced by a KronLinear on the device and in the dtype of the module it
-    replaces. Any mismatch raises ValueError before the model is touched. Returns ``model``.
+    recorded module is replaced by a KronLinear (or, for pruned neurons, a smaller PrunedLinear) on the
+    device and in the dtype of the module it replaces. Any mismatch raises ValueError before the model
+    is touched. Returns ``model``.
     """
     path = Path(path)
     entries, shapes = _read_header(path)
@@ -250,7 +269,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: reading the tensors failed ({e}); the file is corrupt — save it again") from None
     for name, layer in layers.items():  # the file's gather orders must be permutations (checked before any change)
-        if layer.in_perm is not None or layer.out_perm is not None:
+        if isinstance(layer, KronLinear) and (layer.in_perm is not None or layer.out_perm is not None):
             try:
                 layer.set_permutations(state[f"{name}.in_perm"] if layer.in_perm is not None else None,
                                        state[f"{name}.out_perm"] if layer.out_perm is not None else None)
