@@ -1,23 +1,19 @@
-"""Real pretrained LM: kronfact against its peers at equal parameters, no training (and optional recovery).
+"""Real pretrained LM: kronfact against its peers at equal parameters, no training and after recovery.
 
 SmolLM2-135M (build it with ``python ../shared/tools/smollm2.py DIR``; any causal LM folder with gated or
 plain MLPs works), its MLP matrices compressed to a budget, validation perplexity on Shakespeare
 val.txt (context 512, non-overlapping windows, token-weighted, the first ``--eval-tokens`` tokens).
-Calibration: ``--cal-windows`` random windows of ``--cal-len`` tokens from train.txt (seed 0); every
-data-aware method sees the same batches. Parameters are counted in full (every tensor once).
+A budget ≤ 1 is the fraction of the MLP parameters kept; a budget > 1 is the whole model's parameter
+count (100e6), met by compressing the MLPs. Calibration: ``--cal-windows`` random windows of
+``--cal-len`` tokens from train.txt (seed 0); every data-aware method sees the same batches.
+Parameters are counted in full (every tensor once). The peers are in ``lm_peers.py``.
 
-Peers, each implemented from its paper's description:
-- plain SVD: truncated SVD of every matrix at the rank that fits the budget;
-- ASVD (Yuan et al. 2023): SVD of W·S, S = diag(mean|x|)^0.5 from calibration inputs, then ·S⁻¹;
-- SVD-LLM (Wang et al. 2024): SVD of W·L, L the Cholesky factor of XᵀX (truncation-aware whitening), then ·L⁻¹;
-- FWSVD (Hsu et al. 2022): SVD of diag(√I)·W, I the per-row sum of squared loss gradients on calibration data;
-- activation-ranked neuron pruning (Wanda/LLM-Pruner-style score mean|h_j|·‖D[:, j]‖), one-shot;
-- the same, block by block on the pruned model's own activations, with a least-squares refit of the consumer;
-- Krony-PT-style uniform Kronecker, A 768×288 ⊗ B 2×2 (and transposed), Van Loan and pruning init;
-- kronfact's previous default: the Kronecker/low-rank budget solver on activation-calibrated curves;
-- kronfact (``compress(..., calibration=)``): group OBS neuron pruning, sequential, refit.
+Recovery (``--recover-tokens N``): the rows of ``--recover-methods`` at ``--recover-budgets`` are then
+distilled from the original for N tokens of train.txt (kronfact.train: (1−α)·CE + α·T²·KL, α 0.5, T 2;
+windows of 256, batch 4, AdamW lr 1e-4, 10% warmup, cosine; seed 0; the final weights, no selection)
+and evaluated again. Every recovered row sees the same tokens in the same order.
 
-    python benchmarks/real_lm.py --model /path/to/smollm2                   # writes the "real_lm" section
+    python benchmarks/real_lm.py --model /path/to/smollm2 --plot benchmarks/real_lm.png   # writes "real_lm"
     python benchmarks/real_lm.py --model DIR --budgets 0.5 --methods kronfact,seq_prune --no-write
 """
 
@@ -26,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -36,150 +31,33 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lm_peers as peers  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
 import kronfact  # noqa: E402
-from kronfact.blocks import BlockRunner, calibration_mode  # noqa: E402
 from kronfact.evaluate import load_tokenizer, perplexity, tokenize_file  # noqa: E402
-from kronfact.modules import count_parameters, linear_weight  # noqa: E402
-from kronfact.prune import NeuronGroup, PrunedLinear, neuron_groups, refit, uniform_keep  # noqa: E402
+from kronfact.modules import count_parameters  # noqa: E402
+from kronfact.prune import neuron_groups, uniform_keep  # noqa: E402
 from kronfact.rules import select  # noqa: E402
-from kronfact.train import sample_windows  # noqa: E402
+from kronfact.train import TrainConfig, sample_windows, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "shakespeare"
-RULES = ["mlp.*"]
 KRONY_SHAPE = (768, 288)  # of a 1536×576 up/gate; the 576×1536 down takes its transpose; B is 2×2
-
-
-# ------------------------------------------------------------------------------------ shared pieces
-
-
-def low_rank(w: Tensor, bias: Tensor | None, rank: int, left: Tensor | None = None,
-             right: Tensor | None = None) -> nn.Sequential:
-    """Two nn.Linear layers holding the rank-``rank`` SVD of left·W·right, unscaled: W ≈ left⁻¹·UΣVᵀ·right⁻¹."""
-    x = w.double()
-    x = x if left is None else left.double() @ x
-    x = x if right is None else x @ right.double()
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    us, v = u[:, :rank] * s[:rank], vh[:rank]
-    if left is not None:
-        us = torch.linalg.solve(left.double(), us)
-    if right is not None:
-        v = torch.linalg.solve(right.double().T, v.T).T
-    first, second = nn.Linear(w.shape[1], rank, bias=False), nn.Linear(rank, w.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        first.weight.copy_(v)
-        second.weight.copy_(us)
-        if bias is not None:
-            second.bias.copy_(bias)
-    return nn.Sequential(first, second).to(w.dtype)
-
-
-def svd_rank(shape: tuple[int, int], ratio: float) -> int:
-    out_f, in_f = shape
-    return max(1, math.floor(ratio * out_f * in_f / (out_f + in_f)))
-
-
-def input_stats(model: nn.Module, names: list[str], batches: list[Tensor]) -> dict[str, dict[str, Tensor]]:
-    """Per layer: XᵀX / tokens and mean |x| of its inputs on the original model."""
-    stats: dict[str, dict[str, Tensor]] = {n: {"gram": 0, "abs": 0, "n": 0} for n in names}
-    hooks = []
-    for n in names:
-        def record(_m, args, n=n):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            s = stats[n]
-            s["gram"], s["abs"], s["n"] = s["gram"] + x.T @ x, s["abs"] + x.abs().sum(0), s["n"] + x.shape[0]
-        hooks.append(model.get_submodule(n).register_forward_pre_hook(record))
-    with calibration_mode(model):
-        for b in batches:
-            model(b)
-    for h in hooks:
-        h.remove()
-    return {n: {"gram": s["gram"] / s["n"], "abs": s["abs"] / s["n"]} for n, s in stats.items()}
-
-
-def row_fisher(model: nn.Module, names: list[str], batches: list[Tensor]) -> dict[str, Tensor]:
-    """FWSVD's importance: per output row of each layer, Σ over its weights of the squared LM-loss gradient."""
-    model.train(False)
-    acc = {n: torch.zeros(linear_weight(model.get_submodule(n)).shape[0], dtype=torch.float64) for n in names}
-    for b in batches:
-        model.zero_grad(set_to_none=True)
-        model(b, labels=b).loss.backward()
-        for n in names:
-            m = model.get_submodule(n)
-            acc[n] += linear_weight(m).grad.double().pow(2).sum(1) if m.weight.grad is not None else 0
-    model.zero_grad(set_to_none=True)
-    return acc
-
-
-def replace_low_rank(model: nn.Module, ratio: float, how: str, stats: dict, fisher: dict | None) -> None:
-    for n in [t.name for t in select(model, RULES)]:
-        m = model.get_submodule(n)
-        w, r = linear_weight(m).detach(), svd_rank(tuple(linear_weight(m).shape), ratio)
-        left = right = None
-        if how == "asvd":
-            right = torch.diag(stats[n]["abs"].clamp_min(1e-6) ** 0.5)
-        elif how == "svdllm":
-            g = stats[n]["gram"]
-            right = torch.linalg.cholesky(g + 1e-6 * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype))
-        elif how == "fwsvd":
-            left = torch.diag(fisher[n].clamp_min(1e-12) ** 0.5)
-        model.set_submodule(n, low_rank(w, m.bias, r, left, right))
-
-
-def activation_prune(model: nn.Module, groups: list[NeuronGroup], keep: list[int], batches: list[Tensor],
-                     sequential: bool) -> None:
-    """Keep the neurons of largest mean|h_j|·‖D[:, j]‖; sequential: on the pruned model's stream + LS refit."""
-    names = [n for g in groups for n in g.names]
-    with calibration_mode(model):
-        runner = BlockRunner(model, names, batches)
-        stats = None if sequential else input_stats(model, [g.consumer.name for g in groups], batches)
-        for i, g in enumerate(groups):
-            b = runner.block_of(g.consumer.name)
-            consumer = g.consumer.module
-            d = linear_weight(consumer).detach()
-            if sequential:
-                acc = {"abs": 0, "gram": 0, "n": 0}
-
-                def record(_m, args, acc=acc):
-                    h = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                    acc["abs"], acc["gram"] = acc["abs"] + h.abs().sum(0), acc["gram"] + h.T @ h
-                    acc["n"] += len(h)
-                hook = consumer.register_forward_pre_hook(record)
-                runner.run(b)
-                hook.remove()
-                absmean, gram = acc["abs"] / acc["n"], acc["gram"] / acc["n"]
-            else:
-                absmean = stats[g.consumer.name]["abs"]
-            kept = torch.topk(absmean * d.double().norm(dim=0), keep[i]).indices.sort().values
-            new_d = refit(gram, gram @ d.double().T, kept, 1e-4).to(d.dtype) if sequential else d[:, kept]
-            for t in g.producers:
-                pw = linear_weight(t.module).detach()
-                lin = PrunedLinear(pw.shape[1], keep[i], bias=t.module.bias is not None)
-                with torch.no_grad():
-                    lin.weight.copy_(pw[kept])
-                    if t.module.bias is not None:
-                        lin.bias.copy_(t.module.bias[kept])
-                model.set_submodule(t.name, lin)
-            lin = PrunedLinear(keep[i], d.shape[0], bias=consumer.bias is not None)
-            with torch.no_grad():
-                lin.weight.copy_(new_d)
-                if consumer.bias is not None:
-                    lin.bias.copy_(consumer.bias)
-            model.set_submodule(g.consumer.name, lin)
-            if sequential:
-                runner.advance(b)
 
 
 # ----------------------------------------------------------------------------------------- methods
 
 
-def methods(ratio: float, batches: list[Tensor], stats: Callable[[nn.Module], dict],
+def methods(ratio: float, target: float, batches: list[Tensor], stats: Callable[[nn.Module], dict],
             fisher: Callable[[nn.Module], dict]) -> dict[str, Callable[[nn.Module], None]]:
-    def groups_keep(model):
-        groups, _ = neuron_groups(select(model, RULES))
-        return groups, uniform_keep(groups, int(ratio * sum(g.params for g in groups)))
+    """Every row's compression at ``ratio`` of the MLP parameters (``target``: the whole model's count)."""
+    def pruned(**options):
+        def run(model):
+            groups, _ = neuron_groups(select(model, peers.RULES))
+            keep = uniform_keep(groups, int(ratio * sum(g.params for g in groups)))
+            peers.neuron_prune(model, groups, keep, batches, **options)
+        return run
 
     def krony(init):
         def run(model):
@@ -188,20 +66,26 @@ def methods(ratio: float, batches: list[Tensor], stats: Callable[[nn.Module], di
                                       "down_proj": {"shape_a": KRONY_SHAPE[::-1]}}, rank=r, init=init, progress=False)
         return run
 
+    def ours(**options):
+        return lambda m: kronfact.compress(m, peers.RULES, ratio=ratio, calibration=batches, progress=False, **options)
+
     return {
-        "svd": lambda m: replace_low_rank(m, ratio, "svd", {}, None),
-        "asvd": lambda m: replace_low_rank(m, ratio, "asvd", stats(m), None),
-        "svdllm": lambda m: replace_low_rank(m, ratio, "svdllm", stats(m), None),
-        "fwsvd": lambda m: replace_low_rank(m, ratio, "fwsvd", {}, fisher(m)),
-        "act_prune": lambda m: activation_prune(m, *groups_keep(m), batches, sequential=False),
-        "seq_prune": lambda m: activation_prune(m, *groups_keep(m), batches, sequential=True),
+        "svd": lambda m: peers.replace_low_rank(m, ratio, "svd", {}, None),
+        "asvd": lambda m: peers.replace_low_rank(m, ratio, "asvd", stats(m), None),
+        "svdllm": lambda m: peers.replace_low_rank(m, ratio, "svdllm", stats(m), None),
+        "fwsvd": lambda m: peers.replace_low_rank(m, ratio, "fwsvd", {}, fisher(m)),
+        "act_prune": pruned(sequential=False, repair=False),
+        "seq_prune": pruned(sequential=True, repair=True),
         "krony_vanloan": krony("vanloan"),
         "krony_prune": krony("prune"),
-        "kron_solver": lambda m: kronfact.compress(m, RULES, ratio=ratio, method="kron", calibration=batches,
-                                                   progress=False),
-        "kronfact": lambda m: kronfact.compress(m, RULES, ratio=ratio, calibration=batches, progress=False),
-        "kronfact_compensate": lambda m: kronfact.compress(m, RULES, ratio=ratio, calibration=batches,
-                                                           progress=False, compensate=True),
+        "tucker": lambda m: peers.tensor_factorized(m, ratio, "tucker"),
+        "blocktt": lambda m: peers.tensor_factorized(m, ratio, "blocktt"),
+        "depth": lambda m: peers.depth_student(m, target),
+        "kron_solver": ours(method="kron"),
+        "kronfact": ours(),
+        "no_repair": pruned(score="obs", sequential=True, repair=False),
+        "no_stream": pruned(score="obs", sequential=False, repair=True),
+        "kronfact_compensate": ours(compensate=True),
     }
 
 
@@ -209,90 +93,166 @@ LABELS = {
     "original": "original", "svd": "plain SVD", "asvd": "ASVD (activation-scaled SVD)",
     "svdllm": "SVD-LLM (whitened truncation)", "fwsvd": "FWSVD (Fisher-weighted SVD)",
     "act_prune": "activation-ranked neuron pruning, one-shot",
-    "seq_prune": "activation-ranked neuron pruning, sequential + LS refit",
+    "seq_prune": "activation-ranked neuron pruning, sequential + LS refit (= kronfact − OBS choice)",
     "krony_vanloan": "Krony-PT uniform 768×288 ⊗ 2×2, Van Loan", "krony_prune": "Krony-PT uniform, pruning init",
-    "kron_solver": "kronfact Kronecker/low-rank solver, calibrated curves (0.1 default)",
+    "tucker": "tensorly-torch Tucker (order-3 tensorized)", "blocktt": "tensorly-torch block-TT (order-3)",
+    "depth": "depth student (evenly spaced blocks)",
+    "kron_solver": "kronfact Kronecker/low-rank solver, calibrated curves",
     "kronfact": "**kronfact** (group OBS neuron pruning, sequential, refit)",
+    "no_repair": "kronfact − refit (OBS choice, sequential, D's kept columns)",
+    "no_stream": "kronfact − sequential (OBS + refit on the original's activations)",
     "kronfact_compensate": "kronfact + drift compensation in the refit target",
 }
+
+
+def recover(model: nn.Module, teacher: nn.Module, ids: Tensor, tokens: int) -> float:
+    """Distil ``model`` from ``teacher`` for ``tokens`` tokens of ``ids`` (module docstring); wall seconds."""
+    start = time.perf_counter()
+    config = TrainConfig(tokens=tokens, seq_len=256, batch_size=4, lr=1e-4, warmup=0.1, distill=True, alpha=0.5,
+                         temperature=2.0, seed=0, progress=sys.stderr.isatty())
+    train(model, ids, config, teacher=teacher)
+    model.eval()
+    return time.perf_counter() - start
+
+
+def plot(rows: list[dict], original: float, path: Path) -> None:
+    """Perplexity against parameters, one line per method (solid: no training; dashed: recovered)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, method in enumerate(m for m in LABELS if m != "original"):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["params"])
+        if not mine:
+            continue
+        color = f"C{i % 10}"
+        ax.plot([r["params"] / 1e6 for r in mine], [r["ppl"] for r in mine], "o-", color=color,
+                label=LABELS[method].replace("**", ""))
+        rec = [r for r in mine if "recovered_ppl" in r]
+        if rec:
+            ax.plot([r["params"] / 1e6 for r in rec], [r["recovered_ppl"] for r in rec], "s--", color=color)
+    ax.axhline(original, color="k", lw=0.8, label="original")
+    ax.set(xlabel="parameters (millions, total)", ylabel="validation perplexity (log)", yscale="log",
+           ylim=(original * 0.8, original * 1e3), title="SmolLM2-135M, MLPs compressed (dashed: after recovery)")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path)
-    parser.add_argument("--ratios", default="0.5,0.25", help="fractions of the MLP parameters kept")
+    parser.add_argument("--budgets", default="0.5,0.25,100e6",
+                        help="≤ 1: fraction of the MLP parameters kept; > 1: the whole model's parameters")
     parser.add_argument("--methods", default=",".join(LABELS))
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--cal-windows", type=int, default=32)
     parser.add_argument("--cal-len", type=int, default=256)
+    parser.add_argument("--recover-tokens", type=int, default=0, help="distillation tokens per recovered row")
+    parser.add_argument("--recover-methods", default="kronfact,seq_prune,svdllm,depth")
+    parser.add_argument("--recover-budgets", default="0.5")
+    parser.add_argument("--plot", type=Path, help="write the perplexity-vs-parameters plot here (PNG)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--resume", type=Path, help="a JSON-lines log of an earlier run (this script's stdout): "
-                        "its rows are kept and their (method, ratio) pairs are not run again")
+                        "its rows are kept and not run again")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
     tok = load_tokenizer(args.model)
     val = tokenize_file(DATA / "val.txt", tok)[:args.eval_tokens + 1]
-    train = tokenize_file(DATA / "train.txt", tok)
-    batches = list(sample_windows(train, args.cal_windows, args.cal_len, seed=0).split(8))
+    train_ids = tokenize_file(DATA / "train.txt", tok)
+    batches = list(sample_windows(train_ids, args.cal_windows, args.cal_len, seed=0).split(8))
     import transformers
 
     base = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     total = count_parameters(base)
-    mlp = sum(p.numel() for t in select(base, RULES) for p in t.module.parameters())
+    mlp = sum(p.numel() for t in select(base, peers.RULES) for p in t.module.parameters())
+    budgets = [float(b) for b in args.budgets.split(",")]
+    ratio_of = {b: (b if b <= 1 else 1 - (total - b) / mlp) for b in budgets}
+    recovered = {float(b) for b in args.recover_budgets.split(",")} if args.recover_tokens else set()
+    wanted, to_recover = args.methods.split(","), args.recover_methods.split(",")
     rows = [json.loads(line) for line in args.resume.read_text().splitlines() if line.startswith("{")] \
         if args.resume else []
-    done = {(r["method"], r["ratio"]) for r in rows}
 
-    def measure(name: str, ratio: float | None, fn: Callable[[nn.Module], None] | None) -> None:
+    def done(name: str, budget: float | None) -> bool:
+        need = budget in recovered and name in to_recover
+        return any(r["method"] == name and r.get("budget") == budget and (not need or "recovered_ppl" in r)
+                   for r in rows)
+
+    def measure(name: str, budget: float | None, fn: Callable[[nn.Module], None] | None) -> None:
         model = copy.deepcopy(base)
         start = time.perf_counter()
         if fn is not None:
             fn(model)
         seconds = time.perf_counter() - start
         ppl = perplexity(model, val, context=512, stride=512, batch_size=8)
-        row = {"method": name, "ratio": ratio, "params": count_parameters(model), "ppl": ppl, "seconds": seconds}
-        rows.append(row)
+        row = {"method": name, "budget": budget, "ratio": None if budget is None else ratio_of[budget],
+               "params": count_parameters(model), "ppl": ppl, "seconds": seconds}
+        if budget in recovered and name in to_recover:
+            row["recover_seconds"] = recover(model, base, train_ids, args.recover_tokens)
+            row["recover_tokens"] = args.recover_tokens
+            row["recovered_ppl"] = perplexity(model, val, context=512, stride=512, batch_size=8)
+        rows[:] = [r for r in rows if not (r["method"] == name and r.get("budget") == budget)] + [row]
         print(json.dumps(row), flush=True)
 
     stats_cache, fisher_cache = {}, {}
+    names = [t.name for t in select(base, peers.RULES)]
 
     def stats(model):
         if not stats_cache:
-            stats_cache.update(input_stats(base, [t.name for t in select(base, RULES)], batches))
+            stats_cache.update(peers.input_stats(base, names, batches))
         return stats_cache
 
     def fisher(model):
         if not fisher_cache:
-            fisher_cache.update(row_fisher(copy.deepcopy(base), [t.name for t in select(base, RULES)], batches))
+            fisher_cache.update(peers.row_fisher(copy.deepcopy(base), names, batches))
         return fisher_cache
 
-    wanted = args.methods.split(",")
-    if "original" in wanted and ("original", None) not in done:
+    if "original" in wanted and not done("original", None):
         measure("original", None, None)
-    for ratio in [float(r) for r in args.ratios.split(",")]:
-        for name, fn in methods(ratio, batches, stats, fisher).items():
-            if name in wanted and (name, ratio) not in done:
-                measure(name, ratio, fn)
+    for budget in budgets:
+        target = total - (1 - ratio_of[budget]) * mlp
+        for name, fn in methods(ratio_of[budget], target, batches, stats, fisher).items():
+            if name in wanted and not done(name, budget):
+                measure(name, budget, fn)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     original = next((r["ppl"] for r in rows if r["method"] == "original"), None)
-    lines = [f"`python benchmarks/real_lm.py --model SMOLLM2 --ratios {args.ratios} --eval-tokens {args.eval_tokens}`"
-             f" — {machine()}.", "",
-             f"{args.model.name}: {total:,} parameters, MLPs {mlp:,}. Perplexity on the first {args.eval_tokens:,} "
-             f"tokens of val.txt (context 512, token-weighted); calibration {args.cal_windows}×{args.cal_len} tokens "
-             "of train.txt, seed 0. No training. Seconds: compress wall time (2 cores).", "",
-             "| MLP kept | method | params (total) | perplexity | × original | seconds |", "|---|---|---|---|---|---|"]
-    order = {m: i for i, m in enumerate(LABELS)}
-    for r in sorted(rows, key=lambda r: (-(r["ratio"] or 2), order[r["method"]])):
-        rel = f"{r['ppl'] / original:.2f}" if original else ""
-        kept = "—" if r["ratio"] is None else f"{r['ratio']:.0%}"
-        lines.append(f"| {kept} | {LABELS[r['method']]} | {r['params']:,} | {r['ppl']:.2f} | {rel} "
-                     f"| {r['seconds']:.0f} |")
-    text = "\n".join(lines)
+    if args.plot and original:
+        plot(rows, original, args.plot)
+    text = render(rows, original, args, total, mlp)
     print(text)
     if not args.no_write:
         write_section("real_lm", text)
+
+
+def render(rows: list[dict], original: float | None, args: argparse.Namespace, total: int, mlp: int) -> str:
+    """The RESULTS.md section: one table, budgets from largest to smallest, methods in LABELS order."""
+    rec = sorted({r["recover_tokens"] for r in rows if "recover_tokens" in r})
+    lines = [f"`python benchmarks/real_lm.py --model SMOLLM2 --budgets {args.budgets} --eval-tokens {args.eval_tokens}"
+             + (f" --recover-tokens {args.recover_tokens} --recover-methods {args.recover_methods}"
+                f" --recover-budgets {args.recover_budgets}" if args.recover_tokens else "")
+             + (f" --plot {args.plot}" if args.plot else "") + f"` — {machine()}.", "",
+             f"{args.model.name}: {total:,} parameters, MLPs {mlp:,}. Perplexity on the first {args.eval_tokens:,} "
+             f"tokens of val.txt (context 512, token-weighted); calibration {args.cal_windows}×{args.cal_len} tokens "
+             "of train.txt, seed 0. Seconds: compress wall time (2 cores)."
+             + (f" Recovered: distilled from the original for {', '.join(f'{t:,}' for t in rec)} tokens of train.txt "
+                "(see the script's docstring), the final weights." if rec else ""), "",
+             "| budget | method | params (total) | perplexity | × original | seconds | recovered ppl | × original "
+             "| recovery s |", "|---|---|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(LABELS)}
+
+    def label(budget):
+        return "—" if budget is None else f"MLP {budget:.0%}" if budget <= 1 else f"{budget / 1e6:.0f}M total"
+
+    for r in sorted(rows, key=lambda r: (-(r.get("ratio") or 2), order[r["method"]])):
+        rel = f"{r['ppl'] / original:.2f}" if original else ""
+        after = (f"{r['recovered_ppl']:.2f} | {r['recovered_ppl'] / original:.2f} | {r['recover_seconds']:.0f}"
+                 if "recovered_ppl" in r else " | | ")
+        lines.append(f"| {label(r.get('budget'))} | {LABELS[r['method']]} | {r['params']:,} | {r['ppl']:.4g} | "
+                     f"{rel} | {r['seconds']:.0f} | {after} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

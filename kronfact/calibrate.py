@@ -65,6 +65,40 @@ def as_call(batch: Any, device: torch.device) -> tuple[tuple, dict, Tensor | Non
     return (move(batch),), {}, None
 
 
+def check_token_batches(model: nn.Module, batches: Sequence[Any]) -> int:
+    """The number of tokens in ``batches``, after checking them against ``model``'s token embedding.
+
+    A model whose ``get_input_embeddings()`` is an ``nn.Embedding`` takes integer ids: each batch (a
+    tensor, a tuple starting with one, or a mapping with ``input_ids``) must hold a 2-D (batch, seq)
+    integer tensor with ids in [0, vocabulary). Anything else is a ValueError naming the batch and the
+    way out. Models without a token embedding are not checked (their batches count their leading dims).
+    """
+    if not batches:
+        raise ValueError("calibration= is empty; give a few thousand tokens, e.g. "
+                         "kronfact.train.calibration_batches(ids, 32, 256)")
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    vocab = embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
+    tokens = 0
+    for i, batch in enumerate(batches):
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else \
+            batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        if not isinstance(ids, Tensor):
+            if vocab is not None:
+                raise ValueError(f"calibration batch {i} is a {type(batch).__name__}; give token-id tensors "
+                                 "(batch, seq), tuples starting with one, or mappings with 'input_ids'")
+            continue
+        if vocab is not None:
+            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.dim() != 2:
+                raise ValueError(f"calibration batch {i} is a {ids.dtype} tensor of shape {tuple(ids.shape)}; the "
+                                 "model takes integer token ids of shape (batch, seq), e.g. tokenizer output")
+            if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab):
+                raise ValueError(f"calibration batch {i} holds token ids in [{int(ids.min())}, {int(ids.max())}], "
+                                 f"outside the model's vocabulary [0, {vocab}); tokenize with the model's tokenizer")
+        tokens += ids.shape[:2].numel() if ids.dim() >= 2 else ids.numel()
+    return tokens
+
+
 def collect_input_moments(model: nn.Module, module_names: Sequence[str], batches: Iterable[Any]) -> dict[str, Tensor]:
     """The input second moment C = XᵀX / tokens (in_features, in_features) of each named module.
 
@@ -136,10 +170,16 @@ def _objective(w: Tensor, c: Tensor, a: Tensor, b: Tensor) -> float:
     return float(((d @ c) * d).sum())
 
 
-def _damped(c: Tensor, damping: float) -> Tensor:
-    """(C + Cᵀ)/2 + δ·(mean diagonal)·I: the objective's moment, damped like the whitening."""
+def damped(c: Tensor, damping: float) -> Tensor:
+    """(C + Cᵀ)/2 + δ·(mean diagonal)·I: a second moment (Gram) ridge-damped relative to its scale.
+
+    >>> damped(torch.tensor([[2.0, 1.0], [0.0, 4.0]]), 0.5)
+    tensor([[3.5000, 0.5000],
+            [0.5000, 5.5000]])
+    """
     c = (c + c.T) / 2
-    return c + damping * float(c.diagonal().mean()) * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    scale = float(c.diagonal().mean().clamp_min(1e-12))
+    return c + damping * scale * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
 
 
 def calibrated_error(weight: Tensor, factors: KronFactors, moment: Tensor) -> float:
@@ -315,7 +355,7 @@ def calibrated_decompose(weight: Tensor, moment: Tensor, shape_a: Sequence[int],
     plain = decompose(weight, (m1, n1), rank, svd=svd)  # validates rank too
     w, c = weight.detach().double(), moment.detach().double().to(weight.device)
     l1, l2 = kronecker_moment(c, n1, damping)
-    c = _damped(c, damping)
+    c = damped(c, damping)
     white = decompose(_whiten(w, l1, l2), (m1, n1), rank, svd=svd)
     a = torch.linalg.solve_triangular(l1, white.a, upper=False, left=False)  # A'·L₁⁻¹
     b = torch.linalg.solve_triangular(l2, white.b, upper=False, left=False)  # B'·L₂⁻¹

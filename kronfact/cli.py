@@ -58,6 +58,27 @@ class CliError(Exception):
     """Bad input or a failed write: reported as one line on stderr, exit code 2."""
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"kronfact {__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", min=1, help="CPU threads torch may use (default: OMP_NUM_THREADS, else one per core). "
+        "On a machine shared with other jobs, fewer threads avoid oversubscription.")] = None,
+) -> None:
+    """Compress neural networks by replacing linear layers with sums of Kronecker products."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
 
@@ -646,21 +667,20 @@ def _parse_shape(text: str | None) -> tuple[int, int] | None:
     return int(m[1]), int(m[2])
 
 
-def _calibration_batches(model_path: Path, model: Any, text: Path, windows: int) -> list[torch.Tensor]:
-    """``windows`` random windows (seed 0) of the model's context from ``text``, in batches of 8."""
+def _calibration_batches(model_path: Path, model: Any, text: Path, windows: int, length: int) -> list[torch.Tensor]:
+    """``windows`` random windows (seed 0) of ``length`` tokens (at most the model's context) from ``text``."""
     from .evaluate import load_tokenizer, model_context, tokenize_file
-    from .train import sample_windows
+    from .train import calibration_batches
 
     if not text.is_file():
         raise CliError(f"--calibration-text {text} does not exist or is not a file")
-    if windows < 1:
-        raise CliError(f"--calibration-windows must be ≥ 1, got {windows}")
+    if windows < 1 or length < 2:
+        raise CliError(f"--calibration-windows must be ≥ 1 and --calibration-len ≥ 2, got {windows} and {length}")
     ids = tokenize_file(text, load_tokenizer(model_path if model_path.is_dir() else model_path.parent))
-    length = min(model_context(model), len(ids) - 1)
-    if length < 2:
-        raise CliError(f"--calibration-text {text} holds too few tokens ({len(ids)})")
-    batch = sample_windows(ids, windows, length, seed=0)
-    return list(batch.split(8))
+    try:
+        return calibration_batches(ids, windows, min(length, model_context(model)))
+    except ValueError as e:
+        raise CliError(f"--calibration-text {text}: {e}") from None
 
 
 @app.command()
@@ -675,10 +695,12 @@ def compress(
     shape_a: Annotated[str | None, typer.Option(help="Fixed A shape for every matched layer, e.g. 64x32.")] = None,
     rank: Annotated[int | None, typer.Option(help="Fixed rank for every matched layer.")] = None,
     init: Annotated[str, typer.Option(help="vanloan | prune | random")] = "vanloan",
-    calibration_text: Annotated[Path | None, typer.Option(help="Text file for activation-aware factorization "
-                                                          "(tokenized with the model's tokenizer).")] = None,
-    calibration_windows: Annotated[int, typer.Option(help="Random windows of the model's context drawn from "
-                                                     "--calibration-text.")] = 32,
+    calibration_text: Annotated[Path | None, typer.Option(help="Text for data-aware compression (tokenized with "
+                                                          "the model's tokenizer); needed for pretrained LMs.")] = None,
+    calibration_windows: Annotated[int, typer.Option(help="Random windows drawn from --calibration-text "
+                                                     "(seed 0).")] = 32,
+    calibration_len: Annotated[int, typer.Option(help="Tokens per calibration window (at most the model's "
+                                                 "context).")] = 256,
     permute: Annotated[int, typer.Option(help="Rounds of row/column permutation search per layer (0: off).")] = 0,
     force: ForceOption = False,
     debug: DebugOption = False,
@@ -698,7 +720,8 @@ def compress(
         given = {"budget": None if budget is None else int(budget), "ratio": ratio,
                  "shape_a": _parse_shape(shape_a), "rank": rank}
         if calibration_text is not None:
-            given["calibration"] = _calibration_batches(model, m, calibration_text, calibration_windows)
+            given["calibration"] = _calibration_batches(model, m, calibration_text, calibration_windows,
+                                                                calibration_len)
         report = surgery.compress(m, rules=rule_list(rules), init=init, permute=permute,
                                   **{k: v for k, v in given.items() if v is not None})
         with staged_output(out, force) as tmp:

@@ -34,6 +34,7 @@ from rich.progress import track
 from torch import Tensor, nn
 
 from .blocks import BlockRunner, calibration_mode
+from .calibrate import damped
 from .modules import linear_weight
 from .rules import Target
 
@@ -135,11 +136,6 @@ def uniform_keep(groups: Sequence[NeuronGroup], spare: int) -> list[int]:
 # ------------------------------------------------------------------------------------ the math
 
 
-def _damped(gram: Tensor, damping: float) -> Tensor:
-    return gram + damping * float(gram.diagonal().mean().clamp_min(1e-12)) * torch.eye(
-        gram.shape[0], dtype=gram.dtype, device=gram.device)
-
-
 def obs_path(gram: Tensor, weight: Tensor, keep: int, *, fixed: int = 0, damping: float = DAMPING,
              chunk: int = CHUNK) -> tuple[Tensor, list[tuple[int, float]]]:
     """Greedy group OBS: the ``keep`` columns of ``weight`` (out, n) to keep, and the cost path.
@@ -158,7 +154,7 @@ def obs_path(gram: Tensor, weight: Tensor, keep: int, *, fixed: int = 0, damping
     if not 0 < keep <= n - fixed:
         raise ValueError(f"keep must be in [1, {n - fixed}], got {keep}")
     alive = torch.arange(n, device=gram.device)
-    inv = torch.linalg.inv(_damped(gram.double(), damping))
+    inv = torch.linalg.inv(damped(gram.double(), damping))
     w = weight.double().clone()
     path, total = [(n - fixed, 0.0)], 0.0
     while alive.numel() > keep + fixed:
@@ -182,7 +178,7 @@ def refit(gram: Tensor, cross: Tensor, kept: Tensor, damping: float = DAMPING) -
 
     ``gram`` = HᵀH (n, n), ``cross`` = HᵀT (n, out).
     """
-    g = _damped(gram.double()[kept][:, kept], damping)
+    g = damped(gram.double()[kept][:, kept], damping)
     return torch.linalg.solve(g, cross.double()[kept]).T
 
 
@@ -227,7 +223,8 @@ def _capture(runner: BlockRunner, index: int, module: nn.Module,
     return state["gram"], state["tokens"], kept, outputs
 
 
-def _linear(weight: Tensor, bias: Tensor | None, like: Tensor) -> PrunedLinear:
+def pruned_linear(weight: Tensor, bias: Tensor | None, like: Tensor) -> PrunedLinear:
+    """A :class:`PrunedLinear` holding ``weight`` (out, in) and ``bias``, on ``like``'s device and dtype."""
     out_f, in_f = weight.shape
     layer = PrunedLinear(in_f, out_f, bias=bias is not None, device=like.device, dtype=like.dtype)
     with torch.no_grad():
@@ -263,8 +260,8 @@ def _prune_group(group: NeuronGroup, gram: Tensor, keep: int, damping: float,
     for t in group.producers:
         pw = linear_weight(t.module).detach()
         pb = t.module.bias
-        layers[t.name] = _linear(pw[kept], None if pb is None else pb.detach()[kept], pw)
-    layers[group.consumer.name] = _linear(new[:, :keep].to(like.dtype),
+        layers[t.name] = pruned_linear(pw[kept], None if pb is None else pb.detach()[kept], pw)
+    layers[group.consumer.name] = pruned_linear(new[:, :keep].to(like.dtype),
                                           None if bias is None else new[:, keep].to(like.dtype), like)
     return PrunedGroup(group, kept, rel, layers)
 

@@ -34,7 +34,9 @@ import torch
 import typer
 from torch import nn
 
-from .train import TRAIN_DATASETS, TrainConfig, TrainResult, embedding_cosine, load_tokens, train
+from .evaluate import model_context
+from .train import TRAIN_DATASETS, TrainConfig, TrainResult, calibration_batches, embedding_cosine, load_tokens
+from .train import train as train_model
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -78,6 +80,10 @@ class CompressSpec:
     rank: int | None = None
     max_rank: int | None = None
     init: Literal["vanloan", "prune", "random"] = "vanloan"
+    method: Literal["auto", "neurons", "kron"] = "auto"
+    calibration: str | None = None  # text for data-aware compression: a file, a folder of *.txt, or a dataset name
+    calibration_windows: int = 32  # random windows (seed 0) of calibration_len tokens
+    calibration_len: int = 256
 
 
 @dataclass
@@ -144,7 +150,7 @@ class Recipe:
     def compress_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`kronfact.surgery.compress` besides ``rules``."""
         c = self.compress
-        kw: dict[str, Any] = {"init": c.init}
+        kw: dict[str, Any] = {"init": c.init, "method": c.method}
         if c.budget is not None:
             kw["budget"] = int(c.budget)
         if c.ratio is not None:
@@ -271,6 +277,9 @@ def _check(recipe: Recipe) -> None:
             raise _Invalid(f'compress.layers."{pattern}".prune_index', "prune_index entries must be [p, q] pairs")
     if c.shape_a is not None and len(c.shape_a) != 2:
         raise _Invalid("compress.shape_a", "shape_a must be [rows, cols]")
+    if c.calibration_windows < 1 or c.calibration_len < 2:
+        raise _Invalid("compress.calibration_windows", "compress.calibration_windows must be ≥ 1 and "
+                                                       "compress.calibration_len ≥ 2")
     if recipe.model.kind == "vision" and recipe.train is not None:
         raise _Invalid("train", "recovery training is implemented for causal LMs and text encoders, not vision "
                                 "models: remove [train]")
@@ -469,7 +478,14 @@ def run_recipe(path: str | os.PathLike, model: str | os.PathLike | None = None,
     keep_original = recipe.model.kind == "encoder" or (recipe.train is not None and recipe.train.config.distill)
     original = copy.deepcopy(net).eval() if keep_original else None
 
-    report = compress(net, recipe.rules(), **recipe.compress_kwargs())
+    kwargs = recipe.compress_kwargs()
+    c = recipe.compress
+    if c.calibration is not None:
+        cap = 8 * c.calibration_windows * c.calibration_len if c.calibration in TRAIN_DATASETS else None
+        ids = load_tokens(c.calibration, tokenizer, max_tokens=cap)
+        kwargs["calibration"] = calibration_batches(ids, c.calibration_windows,
+                                                    min(c.calibration_len, model_context(net)))
+    report = compress(net, recipe.rules(), **kwargs)
     result = RecipeResult(recipe=recipe, report=report, params=count_parameters(net))
 
     if recipe.train is not None:
@@ -481,7 +497,7 @@ def run_recipe(path: str | os.PathLike, model: str | os.PathLike | None = None,
             cfg.objective = "hidden"
         cap = spec.data_tokens or (cfg.tokens if spec.data in TRAIN_DATASETS else None)  # streamed: no more than used
         data = load_tokens(spec.data, tokenizer, max_tokens=cap)
-        result.train = train(net, data, cfg, teacher=original, val_data=_val_tokens(spec, tokenizer))
+        result.train = train_model(net, data, cfg, teacher=original, val_data=_val_tokens(spec, tokenizer))
 
     if int(os.environ.get("RANK", "0")) != 0:
         return result

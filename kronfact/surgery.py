@@ -29,7 +29,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from .budget import Option, candidate_shapes, error_curve, layer_options, solve
-from .calibrate import calibrated_decompose, calibrated_error_curve, collect_input_moments
+from .calibrate import calibrated_decompose, calibrated_error_curve, check_token_batches, collect_input_moments
 from .kron import INITS, check_shape_a, decompose
 from .modules import count_parameters, is_conv1d, linear_weight
 from .permute import PermutedFactors, permuted_decompose
@@ -349,8 +349,8 @@ def compress(model: nn.Module, rules: Rules = "mlp.*", budget: float | None = No
             raise ValueError(f"calibration= and permute= refine Van Loan's fit, but {', '.join(other[:4])} "
                              "asked for another init; drop the option or use init='vanloan'")
     if calibration is not None:
-        if isinstance(calibration, (Tensor, Mapping)):
-            calibration = [calibration]
+        calibration = [calibration] if isinstance(calibration, (Tensor, Mapping)) else list(calibration)
+        check_token_batches(model, calibration)
         moments = collect_input_moments(model, [layer.name for layer in layers], calibration)
         if error_weights is None:
             error_weights = lambda name, weight, shape_a: calibrated_error_curve(weight, moments[name], shape_a)  # noqa: E731
@@ -412,6 +412,7 @@ def _compress_neurons(model: nn.Module, groups: list[NeuronGroup], rest: list[Ta
     if isinstance(calibration, (Tensor, Mapping)):
         calibration = [calibration]
     calibration = list(calibration)
+    tokens = check_token_batches(model, calibration)
     before = count_parameters(model)
     selected = sum(g.params for g in groups)
     fixed = before - selected
@@ -422,6 +423,10 @@ def _compress_neurons(model: nn.Module, groups: list[NeuronGroup], rest: list[Ta
                          f"{smallest:,} parameters (8 neurons per MLP), the original has {before:,}")
     keep = uniform_keep(groups, target - fixed)
     todo = [i for i, (g, k) in enumerate(zip(groups, keep, strict=True)) if k < g.hidden]
+    most = max((keep[i] for i in todo), default=0)
+    if tokens < most:
+        raise ValueError(f"calibration holds {tokens:,} tokens, fewer than the {most:,} neurons kept in an MLP: the "
+                         "least-squares refit is underdetermined; give more (e.g. 32 windows of 256 tokens)")
     done = prune_neurons(model, [groups[i] for i in todo], [keep[i] for i in todo], calibration,
                          compensate=compensate, progress=progress) if todo else []
     rows = []

@@ -299,6 +299,23 @@ def sample_windows(ids: Tensor, batch_size: int, length: int, seed: int) -> Tens
     return ids[starts[:, None] + torch.arange(length)]
 
 
+def calibration_batches(ids: Tensor, windows: int = 32, length: int = 256, *, seed: int = 0,
+                        batch_size: int = 8) -> list[Tensor]:
+    """``windows`` random windows of ``length`` tokens of the stream ``ids`` (seed), in batches of
+    ``batch_size``: the ``calibration=`` argument of :func:`kronfact.compress`. A stream shorter than
+    one window gives windows of its whole length.
+
+    >>> [tuple(b.shape) for b in calibration_batches(torch.arange(1000), windows=10, length=64)]
+    [(8, 64), (2, 64)]
+    """
+    if windows < 1 or length < 2:
+        raise ValueError(f"calibration needs windows ≥ 1 and length ≥ 2, got windows={windows}, length={length}")
+    length = min(length, ids.numel() - 1)
+    if length < 2:
+        raise ValueError(f"calibration text holds too few tokens ({ids.numel()}); give at least a few hundred")
+    return list(sample_windows(ids, windows, length, seed).split(batch_size))
+
+
 # ------------------------------------------------------------------------------------------ distributed
 
 
@@ -672,7 +689,8 @@ def train(
     """Train ``model`` in place on the 1-D token stream ``data`` (N,) and return what happened.
 
     ``teacher``: the uncompressed model, needed for distillation (``config.distill`` on a causal LM,
-    always for the "hidden" objective); frozen, moved to the model's device. ``val_data`` (M,):
+    always for the "hidden" objective); moved to the model's device, in eval mode and frozen while
+    training (its ``requires_grad`` flags are restored afterwards). ``val_data`` (M,):
     held-out tokens for validation and best-checkpoint selection (pass validation, never test,
     data). ``callback(entry)`` runs after every optimizer step (after its checkpoint) with that
     step's history entry. The model's device and dtype are kept; under torchrun see the module doc.
@@ -695,13 +713,16 @@ def train(
         raise ValueError(f"data holds {data.numel()} tokens, fewer than one window of {objective.window(seq_len)}")
     if val_data is not None and config.eval_tokens is not None:
         val_data = val_data[:config.eval_tokens]
-    if teacher is not None:
+    frozen = [] if teacher is None else [p for p in teacher.parameters() if p.requires_grad]
+    if teacher is not None:  # frozen while it teaches; the caller's flags come back afterwards
         teacher.to(device).eval().requires_grad_(False)
 
     d = _init_distributed(device)
     try:
         return _train(model, data, config, objective, seq_len, val_data, callback, d, device)
     finally:
+        for p in frozen:
+            p.requires_grad_(True)
         if d.created:
             dist.destroy_process_group()
 
@@ -824,6 +845,6 @@ def _clip(model: nn.Module, max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-__all__ = ["TrainConfig", "TrainResult", "distillation_loss", "embedding_cosine", "hidden_distillation_loss",
-           "load_tokens", "lr_at",
+__all__ = ["TrainConfig", "TrainResult", "calibration_batches", "distillation_loss", "embedding_cosine",
+           "hidden_distillation_loss", "load_tokens", "lr_at",
            "mean_pool", "param_groups", "resolve_objective", "sample_windows", "train"]

@@ -459,13 +459,15 @@ def test_compress_bad_options(gpt2_dir, tmp_path):
 def test_compress_with_calibration_text_and_permutations(gpt2_dir, text_file, tmp_path):
     out = tmp_path / "cal"
     result = invoke("compress", gpt2_dir, "-o", out, "--ratio", "0.5", "--calibration-text", text_file,
-                    "--calibration-windows", "4", "--permute", "2", "--rules", "mlp.c_fc")
+                    "--calibration-windows", "4", "--calibration-len", "12", "--permute", "2", "--rules", "mlp.c_fc")
     assert result.exit_code == 0, result.output
     layers = json.loads((out / "compression_report.json").read_text())["layers"]
     assert layers and all(r["init"].startswith("calibrated") and ".mlp.c_fc" in r["name"] for r in layers)
     assert reported_ppl(invoke("eval", out, "--text", text_file, "--context", 16)) > 1
     assert_bad_input(invoke("compress", gpt2_dir, "-o", tmp_path / "x", "--ratio", "0.5", "--calibration-text",
                             tmp_path / "missing.txt"), "--calibration-text")
+    assert_bad_input(invoke("compress", gpt2_dir, "-o", tmp_path / "x", "--ratio", "0.5", "--calibration-text",
+                            text_file, "--calibration-len", "1"), "--calibration-len")
     assert not (tmp_path / "x").exists()
 
 
@@ -497,3 +499,18 @@ def test_rules_text_splits_at_commas_outside_brackets():
     assert rule_list(r"re:^h\.\d{1,2}\.mlp$") == [r"re:^h\.\d{1,2}\.mlp$"]
     assert rule_list("re:(c_fc|c_proj)$,!h.0.*") == ["re:(c_fc|c_proj)$", "!h.0.*"]  # the exclusion is kept
     assert rule_list(None) is None
+
+
+def test_version_and_threads_options(gpt2_dir):
+    import kronfact
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.strip().startswith(f"kronfact {kronfact.__version__}")
+    before = torch.get_num_threads()
+    try:
+        result = invoke("--threads", "1", "analyze", gpt2_dir)
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert invoke("--threads", "0", "analyze", gpt2_dir).exit_code == 2

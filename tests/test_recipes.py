@@ -141,6 +141,9 @@ def test_bad_overrides_name_the_file_and_key(override, message):
     ('name = "x"\n[model]\nname = "m"\nkind = "vision"\n[compress]\n[train]\ndata = "d"\n', "not vision"),
     ('name = "x"\n[model]\nname = "m"\n[compress]\nrules = "a"\n[compress.layers.b]\nrank = 1\n', "not both"),
     ('name = "x"\n[model\n', "not valid TOML"),
+    ('name = "x"\n[model]\nname = "m"\n[compress]\ncalibration = "t.txt"\ncalibration_windows = 0\n',
+     "calibration_windows must be ≥ 1"),
+    ('name = "x"\n[model]\nname = "m"\n[compress]\nmethod = "magic"\n', "compress.method"),
 ])
 def test_invalid_recipes_are_clear_errors(tmp_path, text, message):
     path = tmp_path / "bad.toml"
@@ -222,12 +225,13 @@ FAMILIES = {
          "attention.output.dense")),
 }
 GPT2_FAMILY = set(PAPER) | {"gpt2-budget-81m", "shakespeare-tiny"}
+CALIBRATED = {"smollm2-135m"}  # data-aware recipes, run end to end below on the shared tiny GPT-2
 
 
 def test_every_recipe_is_covered_by_a_family_test():
     stems = {p.stem for p in ALL}
-    assert stems == GPT2_FAMILY | set(FAMILIES), "a new recipe needs a tiny-model test here"
-    assert GPT2_FAMILY.isdisjoint(FAMILIES)
+    assert stems == GPT2_FAMILY | set(FAMILIES) | CALIBRATED, "a new recipe needs a tiny-model test here"
+    assert GPT2_FAMILY.isdisjoint(FAMILIES) and CALIBRATED.isdisjoint(GPT2_FAMILY | set(FAMILIES))
 
 
 @pytest.mark.parametrize("stem", sorted(FAMILIES))
@@ -296,3 +300,25 @@ def test_layer_rules_take_max_rank(tmp_path):
     assert capped["up_proj"] > 1
     with pytest.raises(ValueError, match="max_rank"):
         load_recipe(path, ['compress.layers."mlp.gate_proj".max_rank=1.5'])
+
+
+def test_calibrated_recipe_prunes_neurons_end_to_end(tiny_gpt2_dir, shakespeare_dir, tmp_path, monkeypatch):
+    from kronfact.prune import PrunedLinear
+
+    monkeypatch.chdir(RECIPES.parent)  # the recipe's paths are relative to the repository root
+    out = tmp_path / "run"
+    result = run_recipe(RECIPES / "smollm2-135m.toml", model=tiny_gpt2_dir, overrides=[
+        "compress.calibration_windows=8", "compress.calibration_len=64", "train.tokens=1024", "train.seq_len=64",
+        "eval.max_tokens=2000", "eval.context=256", "eval.stride=256", f"output.dir={out}", "train.progress=false"])
+    original = transformers.GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir)
+    mlp = {n: m for n, m in original.named_modules() if n.endswith(("mlp.c_fc", "mlp.c_proj"))}
+    assert {r.init for r in result.report.layers} == {"neurons"} and len(result.report.layers) == len(mlp)
+    model = from_pretrained(out / "model")
+    assert count_parameters(model) == result.params
+    kept = sum(p.numel() for n in mlp for p in model.get_submodule(n).parameters())
+    assert kept <= 0.5 * sum(p.numel() for m in mlp.values() for p in m.parameters())
+    assert all(isinstance(model.get_submodule(n), PrunedLinear) for n in mlp)
+    assert not any(isinstance(m, KronLinear) for m in model.modules())
+    assert result.train.tokens == 1024
+    assert math.isfinite(result.evals["../shared/data/shakespeare/val.txt"]["perplexity"])
+

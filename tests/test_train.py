@@ -147,11 +147,17 @@ def test_distillation_needs_a_teacher_and_trains_with_one():
     with pytest.raises(ValueError, match="teacher"):
         train(tiny_gpt2(), stream(7), config(distill=True))
     teacher = tiny_gpt2(seed=1, dropout=0.0)
+    teacher.transformer.wpe.requires_grad_(False)  # the caller's own flags, restored after training
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    trainable = []
     result = train(tiny_gpt2(), stream(7), config(distill=True, alpha=1.0, lr=1e-2, tokens=4 * 2 * SEQ * 10),
-                   teacher=teacher)
+                   teacher=teacher, callback=lambda _: trainable.append(any(p.requires_grad
+                                                                            for p in teacher.parameters())))
     losses = [loss for _, loss in result.curve()]
     assert losses[-1] < losses[0]  # pure KL to the teacher goes down
-    assert not any(p.requires_grad for p in teacher.parameters())
+    assert trainable and not any(trainable)  # frozen while it teaches
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())  # it taught, it did not learn
+    assert {n for n, p in teacher.named_parameters() if not p.requires_grad} == {"transformer.wpe.weight"}
 
 
 def test_kill_and_resume_gives_the_identical_loss_curve(tmp_path):
@@ -410,3 +416,28 @@ def test_progress_bar_runs(monkeypatch):
     assert result.steps == 3 and len(bars) == 1 and bars[0] is not None  # a real rich bar, not the stand-in
     task = bars[0].tasks[0]
     assert task.completed == task.total == 3 and "loss" in task.fields["info"] and "tok/s" in task.fields["info"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(3, 400), windows=st.integers(1, 20), length=st.integers(2, 64), seed=st.integers(0, 99))
+def test_calibration_batches_are_seeded_windows_of_the_stream(n, windows, length, seed):
+    from kronfact.train import calibration_batches
+
+    ids = torch.arange(n) * 7  # distinct values: a window's position is readable from its first token
+    batches = calibration_batches(ids, windows, length, seed=seed, batch_size=8)
+    flat = torch.cat(batches)
+    used = min(length, n - 1)
+    assert flat.shape == (windows, used) and all(len(b) <= 8 for b in batches)
+    starts = flat[:, 0] // 7
+    assert torch.equal(flat, ids[starts[:, None] + torch.arange(used)])  # contiguous slices of the stream
+    assert torch.equal(flat, torch.cat(calibration_batches(ids, windows, length, seed=seed)))
+
+
+@pytest.mark.parametrize("ids, windows, length, message", [
+    (torch.arange(100), 0, 16, "windows ≥ 1"), (torch.arange(100), 4, 1, "length ≥ 2"),
+    (torch.arange(2), 4, 16, "too few tokens")])
+def test_calibration_batches_reject_bad_settings(ids, windows, length, message):
+    from kronfact.train import calibration_batches
+
+    with pytest.raises(ValueError, match=message):
+        calibration_batches(ids, windows, length)
