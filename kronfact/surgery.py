@@ -86,9 +86,11 @@ class CompressionReport:
 
     def __rich__(self) -> Table:
         budget = "" if self.budget is None else f" (budget {self.budget:,})"
+        unchanged = not self.layers and self.budget is not None and self.budget >= self.params_before
         table = Table(title="kronfact compression", caption=(
             f"model: {self.params_before:,} → {self.params_after:,} parameters = {self.ratio:.1%}{budget}"
-            + (f"; kept dense: {', '.join(self.kept_dense)}" if self.kept_dense else "")))
+            + ("; nothing replaced: the budget is the model's size or more" if unchanged else
+               f"; kept dense: {', '.join(self.kept_dense)}" if self.kept_dense else "")))
         for col in ("layer", "shape", "A", "B", "rank", "init", "params", "kept", "rel. error"):
             table.add_column(col, justify="left" if col in ("layer", "init") else "right")
         for r in self.layers:
@@ -336,6 +338,9 @@ def compress(model: nn.Module, rules: Rules = "mlp.*", budget: float | None = No
             warnings.warn(_NO_DATA_HINT, UserWarning, stacklevel=2)
     if method == "neurons":
         return _compress_neurons(model, groups, rest, budget, ratio, calibration, compensate, progress, pinned)
+    before = count_parameters(model)
+    if ratio == 1 or (budget is not None and budget >= before):  # nothing to save: nothing changes
+        return CompressionReport([], before, before, [layer.name for layer in layers], before)
     if budget is None and ratio is None:  # checked before calibration runs the model
         missing = [layer.name for layer in layers if layer.rank is None or not layer.shapes or len(layer.shapes) > 1]
         if missing:
@@ -354,7 +359,6 @@ def compress(model: nn.Module, rules: Rules = "mlp.*", budget: float | None = No
         moments = collect_input_moments(model, [layer.name for layer in layers], calibration)
         if error_weights is None:
             error_weights = lambda name, weight, shape_a: calibrated_error_curve(weight, moments[name], shape_a)  # noqa: E731
-    before = count_parameters(model)
     fixed = before - sum(layer.replaced for layer in layers)
 
     if budget is None and ratio is None:
