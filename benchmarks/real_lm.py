@@ -116,27 +116,36 @@ def recover(model: nn.Module, teacher: nn.Module, ids: Tensor, tokens: int) -> f
 
 
 def plot(rows: list[dict], original: float, path: Path) -> None:
-    """Perplexity against parameters, one line per method (solid: no training; dashed: recovered)."""
+    """Perplexity against parameters, one line per method (solid: no training; dashed: recovered).
+    Methods never within 100× of the original are named in a note instead of drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    colors = plt.get_cmap("tab20").colors
+    off = []
     for i, method in enumerate(m for m in LABELS if m != "original"):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["params"])
         if not mine:
             continue
-        color = f"C{i % 10}"
-        ax.plot([r["params"] / 1e6 for r in mine], [r["ppl"] for r in mine], "o-", color=color,
-                label=LABELS[method].replace("**", ""))
+        label = LABELS[method].replace("**", "")
+        if min(r.get("recovered_ppl", r["ppl"]) for r in mine) > 100 * original:
+            off.append(label)
+            continue
+        style = {"color": "crimson", "lw": 2.5} if method == "kronfact" else {"color": colors[i % 20], "lw": 1}
+        ax.plot([r["params"] / 1e6 for r in mine], [r["ppl"] for r in mine], "o-", label=label, **style)
         rec = [r for r in mine if "recovered_ppl" in r]
         if rec:
-            ax.plot([r["params"] / 1e6 for r in rec], [r["recovered_ppl"] for r in rec], "s--", color=color)
+            ax.plot([r["params"] / 1e6 for r in rec], [r["recovered_ppl"] for r in rec], "s--", **style)
     ax.axhline(original, color="k", lw=0.8, label="original")
     ax.set(xlabel="parameters (millions, total)", ylabel="validation perplexity (log)", yscale="log",
-           ylim=(original * 0.8, original * 1e3), title="SmolLM2-135M, MLPs compressed (dashed: after recovery)")
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+           ylim=(original * 0.8, original * 100), title="SmolLM2-135M, MLPs compressed (squares, dashed: after "
+           "recovery)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    if off:
+        fig.text(0.01, 0.01, "above 100× the original at every size: " + "; ".join(off), fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=120)
 
 
@@ -157,6 +166,8 @@ def main() -> None:
     parser.add_argument("--resume", type=Path, help="a JSON-lines log of an earlier run (this script's stdout): "
                         "its rows are kept and not run again")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--render-only", action="store_true", help="run nothing: the table of --resume's rows")
+    parser.add_argument("--note", default="", help="a line under the command, e.g. how the resumed rows were run")
     args = parser.parse_args()
 
     tok = load_tokenizer(args.model)
@@ -172,10 +183,13 @@ def main() -> None:
     ratio_of = {b: (b if b <= 1 else 1 - (total - b) / mlp) for b in budgets}
     recovered = {float(b) for b in args.recover_budgets.split(",")} if args.recover_tokens else set()
     wanted, to_recover = args.methods.split(","), args.recover_methods.split(",")
-    rows = [json.loads(line) for line in args.resume.read_text().splitlines() if line.startswith("{")] \
+    logged = [json.loads(line) for line in args.resume.read_text().splitlines() if line.startswith("{")] \
         if args.resume else []
+    rows = list({(r["method"], r.get("budget")): r for r in logged}.values())  # the latest row of each
 
     def done(name: str, budget: float | None) -> bool:
+        if args.render_only:
+            return True
         need = budget in recovered and name in to_recover
         return any(r["method"] == name and r.get("budget") == budget and (not need or "recovered_ppl" in r)
                    for r in rows)
@@ -234,6 +248,7 @@ def render(rows: list[dict], original: float | None, args: argparse.Namespace, t
              + (f" --recover-tokens {args.recover_tokens} --recover-methods {args.recover_methods}"
                 f" --recover-budgets {args.recover_budgets}" if args.recover_tokens else "")
              + (f" --plot {args.plot}" if args.plot else "") + f"` — {machine()}.", "",
+             *([args.note, ""] if args.note else []),
              f"{args.model.name}: {total:,} parameters, MLPs {mlp:,}. Perplexity on the first {args.eval_tokens:,} "
              f"tokens of val.txt (context 512, token-weighted); calibration {args.cal_windows}×{args.cal_len} tokens "
              "of train.txt, seed 0. Seconds: compress wall time (2 cores)."

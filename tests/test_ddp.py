@@ -23,6 +23,8 @@ from kronfact.layer import KronLinear  # noqa: E402
 from kronfact.modules import linear_weight  # noqa: E402
 from kronfact.train import TrainConfig, train  # noqa: E402
 
+pytestmark = pytest.mark.slow  # torchrun subprocesses: in CI, not in the fast lane
+
 VOCAB = 64
 
 

@@ -142,6 +142,7 @@ def test_autocast_training_step_on_every_path(path, shape):
         torch.testing.assert_close(t.grad, ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "autocast"])
 def test_compiles_without_graph_breaks_and_trains(dtype):
     """fullgraph compile of every path, size-1 factor dims (broadcast-product GEMMs) included, in fp32,

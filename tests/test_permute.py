@@ -143,6 +143,7 @@ def test_eval_cache_follows_a_permutation_change():
     assert not torch.allclose(first, layer(x))
 
 
+@pytest.mark.slow
 def test_permuted_layers_compile_without_graph_breaks():
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)

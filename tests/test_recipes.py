@@ -161,6 +161,7 @@ def test_cli_reports_a_bad_recipe_in_one_line(tmp_path):
     assert result.exit_code == 0 and '"lr": 0.001' in result.output
 
 
+@pytest.mark.slow
 def test_shakespeare_recipe_runs_end_to_end(tiny_gpt2_dir, shakespeare_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(RECIPES.parent)  # the recipe's paths are relative to the repository root
     out = tmp_path / "run"
@@ -302,6 +303,7 @@ def test_layer_rules_take_max_rank(tmp_path):
         load_recipe(path, ['compress.layers."mlp.gate_proj".max_rank=1.5'])
 
 
+@pytest.mark.slow
 def test_calibrated_recipe_prunes_neurons_end_to_end(tiny_gpt2_dir, shakespeare_dir, tmp_path, monkeypatch):
     from kronfact.prune import PrunedLinear
 
