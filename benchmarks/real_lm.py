@@ -11,7 +11,9 @@ Parameters are counted in full (every tensor once). The peers are in ``lm_peers.
 Recovery (``--recover-tokens N``): the rows of ``--recover-methods`` at ``--recover-budgets`` are then
 distilled from the original for N tokens of train.txt (kronfact.train: (1−α)·CE + α·T²·KL, α 0.5, T 2;
 windows of 256, batch 4, AdamW lr 1e-4, 10% warmup, cosine; seed 0; the final weights, no selection)
-and evaluated again. Every recovered row sees the same tokens in the same order.
+and evaluated again. Every recovered row sees the same tokens in the same order. The training text is
+in-domain, so part of any gain is adaptation to it: ``--recover-original`` distils the uncompressed
+model the same way, for reference.
 
     python benchmarks/real_lm.py --model /path/to/smollm2 --plot benchmarks/real_lm.png   # writes "real_lm"
     python benchmarks/real_lm.py --model DIR --budgets 0.5 --methods kronfact,seq_prune --no-write
@@ -161,6 +163,8 @@ def main() -> None:
     parser.add_argument("--recover-tokens", type=int, default=0, help="distillation tokens per recovered row")
     parser.add_argument("--recover-methods", default="kronfact,seq_prune,svdllm,depth")
     parser.add_argument("--recover-budgets", default="0.5")
+    parser.add_argument("--recover-original", action="store_true",
+                        help="also distil the uncompressed model the same way: how much is domain adaptation")
     parser.add_argument("--plot", type=Path, help="write the perplexity-vs-parameters plot here (PNG)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--resume", type=Path, help="a JSON-lines log of an earlier run (this script's stdout): "
@@ -183,6 +187,9 @@ def main() -> None:
     ratio_of = {b: (b if b <= 1 else 1 - (total - b) / mlp) for b in budgets}
     recovered = {float(b) for b in args.recover_budgets.split(",")} if args.recover_tokens else set()
     wanted, to_recover = args.methods.split(","), args.recover_methods.split(",")
+    if args.recover_original and args.recover_tokens:
+        recovered.add(None)
+        to_recover.append("original")
     logged = [json.loads(line) for line in args.resume.read_text().splitlines() if line.startswith("{")] \
         if args.resume else []
     rows = list({(r["method"], r.get("budget")): r for r in logged}.values())  # the latest row of each
@@ -267,6 +274,8 @@ def render(rows: list[dict], original: float | None, args: argparse.Namespace, t
                  if "recovered_ppl" in r else " | | ")
         lines.append(f"| {label(r.get('budget'))} | {LABELS[r['method']]} | {r['params']:,} | {r['ppl']:.4g} | "
                      f"{rel} | {r['seconds']:.0f} | {after} |")
+    if args.plot:
+        lines += ["", f"![perplexity against parameters, one line per method]({args.plot.name})"]
     return "\n".join(lines)
 
 
