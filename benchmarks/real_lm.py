@@ -254,6 +254,7 @@ def render(rows: list[dict], original: float | None, args: argparse.Namespace, t
     lines = [f"`python benchmarks/real_lm.py --model SMOLLM2 --budgets {args.budgets} --eval-tokens {args.eval_tokens}"
              + (f" --recover-tokens {args.recover_tokens} --recover-methods {args.recover_methods}"
                 f" --recover-budgets {args.recover_budgets}" if args.recover_tokens else "")
+             + (" --recover-original" if args.recover_original else "")
              + (f" --plot {args.plot}" if args.plot else "") + f"` — {machine()}.", "",
              *([args.note, ""] if args.note else []),
              f"{args.model.name}: {total:,} parameters, MLPs {mlp:,}. Perplexity on the first {args.eval_tokens:,} "
