@@ -41,7 +41,7 @@ from kronfact.evaluate import load_tokenizer, perplexity, tokenize_file  # noqa:
 from kronfact.modules import count_parameters  # noqa: E402
 from kronfact.prune import neuron_groups, uniform_keep  # noqa: E402
 from kronfact.rules import select  # noqa: E402
-from kronfact.train import TrainConfig, sample_windows, train  # noqa: E402
+from kronfact.train import TrainConfig, calibration_batches, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "shakespeare"
@@ -177,7 +177,7 @@ def main() -> None:
     tok = load_tokenizer(args.model)
     val = tokenize_file(DATA / "val.txt", tok)[:args.eval_tokens + 1]
     train_ids = tokenize_file(DATA / "train.txt", tok)
-    batches = list(sample_windows(train_ids, args.cal_windows, args.cal_len, seed=0).split(8))
+    batches = calibration_batches(train_ids, args.cal_windows, args.cal_len)
     import transformers
 
     base = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()

@@ -33,7 +33,7 @@ from .calibrate import calibrated_decompose, calibrated_error_curve, check_token
 from .kron import INITS, check_shape_a, decompose
 from .modules import count_parameters, is_conv1d, linear_weight
 from .permute import PermutedFactors, permuted_decompose
-from .prune import NeuronGroup, neuron_groups, prune_neurons, uniform_keep
+from .prune import MULTIPLE, NeuronGroup, neuron_groups, prune_neurons, uniform_keep
 from .rules import Rules, Target, select
 
 METHODS = ("auto", "neurons", "kron")
@@ -354,7 +354,7 @@ def compress(model: nn.Module, rules: Rules = "mlp.*", budget: float | None = No
             raise ValueError(f"calibration= and permute= refine Van Loan's fit, but {', '.join(other[:4])} "
                              "asked for another init; drop the option or use init='vanloan'")
     if calibration is not None:
-        calibration = [calibration] if isinstance(calibration, (Tensor, Mapping)) else list(calibration)
+        calibration = _batches(calibration)
         check_token_batches(model, calibration)
         moments = collect_input_moments(model, [layer.name for layer in layers], calibration)
         if error_weights is None:
@@ -401,6 +401,11 @@ def compress(model: nn.Module, rules: Rules = "mlp.*", budget: float | None = No
     return CompressionReport(rows, before, count_parameters(model), kept, target)
 
 
+def _batches(calibration: Any) -> list[Any]:
+    """``calibration=`` as a list of batches (one tensor or mapping is one batch); drawn only once the
+    cheap checks have passed, since a generator may tokenize or load data."""
+    return [calibration] if isinstance(calibration, (Tensor, Mapping)) else list(calibration)
+
 
 def _compress_neurons(model: nn.Module, groups: list[NeuronGroup], rest: list[Target], budget: float | None,
                       ratio: float | None, calibration: Iterable[Any] | None, compensate: bool, progress: bool,
@@ -413,18 +418,16 @@ def _compress_neurons(model: nn.Module, groups: list[NeuronGroup], rest: list[Ta
     if calibration is None or (budget, ratio) == (None, None) or pinned:
         raise ValueError("method='neurons' needs calibration= batches and budget= or ratio=, and takes no "
                          "shape_a/rank/max_rank/init/permute/error_weights or per-rule options")
-    if isinstance(calibration, (Tensor, Mapping)):
-        calibration = [calibration]
-    calibration = list(calibration)
+    calibration = _batches(calibration)
     tokens = check_token_batches(model, calibration)
     before = count_parameters(model)
     selected = sum(g.params for g in groups)
     fixed = before - selected
     target = int(budget) if budget is not None else fixed + math.floor(ratio * selected)
-    smallest = fixed + sum(g.params_at(min(g.hidden, 8)) for g in groups)
+    smallest = fixed + sum(g.params_at(min(g.hidden, MULTIPLE)) for g in groups)
     if not smallest <= target:
         raise ValueError(f"budget {target:,} is out of reach for neuron pruning: the smallest model keeps "
-                         f"{smallest:,} parameters (8 neurons per MLP), the original has {before:,}")
+                         f"{smallest:,} parameters ({MULTIPLE} neurons per MLP), the original has {before:,}")
     keep = uniform_keep(groups, target - fixed)
     todo = [i for i, (g, k) in enumerate(zip(groups, keep, strict=True)) if k < g.hidden]
     most = max((keep[i] for i in todo), default=0)
