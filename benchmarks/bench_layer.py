@@ -36,7 +36,8 @@ from results import machine, write_section  # noqa: E402
 
 import kronfact  # noqa: E402
 from kronfact.kron import rearrange  # noqa: E402
-from kronfact.layer import KronLinear, path_ops  # noqa: E402
+from kronfact.layer import KronLinear  # noqa: E402
+from kronfact.plans import path_ops  # noqa: E402
 
 TOKENS = 4096
 # name: (out, in, shape_a, rank) in nn.Linear orientation.

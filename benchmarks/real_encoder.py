@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import machine, write_section  # noqa: E402
 
 import kronfact  # noqa: E402
-from kronfact.evaluate import load_tokenizer  # noqa: E402
+from kronfact.data import load_tokenizer  # noqa: E402
+from kronfact.evaluate import embedding_cosine  # noqa: E402
 from kronfact.modules import count_parameters  # noqa: E402
-from kronfact.train import TrainConfig, embedding_cosine, train  # noqa: E402
+from kronfact.train import TrainConfig, train  # noqa: E402
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
 RULES = [r"re:.*\.intermediate\.dense$", r"re:.*\.layer\.\d+\.output\.dense$"]

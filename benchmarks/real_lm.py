@@ -37,11 +37,16 @@ import lm_peers as peers  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
 import kronfact  # noqa: E402
-from kronfact.evaluate import load_tokenizer, perplexity, tokenize_file  # noqa: E402
+from kronfact.data import (  # noqa: E402
+    calibration_batches,  # noqa: E402
+    load_tokenizer,
+    tokenize_file,
+)
+from kronfact.evaluate import perplexity  # noqa: E402
 from kronfact.modules import count_parameters  # noqa: E402
 from kronfact.prune import neuron_groups, uniform_keep  # noqa: E402
 from kronfact.rules import select  # noqa: E402
-from kronfact.train import TrainConfig, calibration_batches, train  # noqa: E402
+from kronfact.train import TrainConfig, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "shakespeare"

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from kronfact.evaluate import load_tokenizer, perplexity, tokenize_file
+from kronfact.data import calibration_batches, load_tokenizer, tokenize_file
+from kronfact.evaluate import perplexity
 from kronfact.prune import MULTIPLE, neuron_groups, prune_neurons
 from kronfact.rules import select
-from kronfact.train import calibration_batches
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
 

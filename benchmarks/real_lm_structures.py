@@ -23,9 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import machine, write_section  # noqa: E402
 
 from kronfact.calibrate import damped  # noqa: E402
-from kronfact.evaluate import load_tokenizer, tokenize_file  # noqa: E402
+from kronfact.data import (  # noqa: E402
+    calibration_batches,  # noqa: E402
+    load_tokenizer,
+    tokenize_file,
+)
 from kronfact.prune import DAMPING, obs_path, refit  # noqa: E402
-from kronfact.train import calibration_batches  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"
 

@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import machine, write_section  # noqa: E402
 
-from kronfact.evaluate import load_tokenizer, perplexity, tokenize_file  # noqa: E402
+from kronfact.data import load_tokenizer, tokenize_file  # noqa: E402
+from kronfact.evaluate import perplexity  # noqa: E402
 from kronfact.modules import count_parameters  # noqa: E402
 from kronfact.train import TrainConfig, train  # noqa: E402
 

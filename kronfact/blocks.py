@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .calibrate import as_call
+from .errors import KronfactError
 
 
 class _Stop(Exception):
@@ -63,8 +64,8 @@ def _hidden(output: Any) -> Tensor:
     first = next(iter(output.values()), None) if isinstance(output, dict) else None
     if isinstance(first, Tensor):
         return first
-    raise ValueError(f"a block returned {type(output).__name__}; expected hidden states (a tensor or a tuple "
-                     "starting with one)")
+    raise KronfactError(f"a block returned {type(output).__name__}; expected hidden states (a tensor or a tuple "
+                        "starting with one)")
 
 
 def calibration_mode(model: nn.Module) -> ExitStack:
@@ -98,10 +99,11 @@ class BlockRunner:
                 self.prefix, self.blocks = "", [model]
                 call = self._inputs(batch)
             if call is None:
-                raise ValueError(f"a calibration batch never reached {self.prefix}.0; pass batches the model runs on")
+                raise KronfactError(f"a calibration batch never reached {self.prefix}.0; pass batches the "
+                                    f"model runs on")
             self.calls.append(call)
         if not self.calls:
-            raise ValueError("calibration needs at least one batch")
+            raise KronfactError("calibration needs at least one batch")
 
     def block_of(self, name: str) -> int:
         """Index in :attr:`blocks` of the block holding module ``name``."""

@@ -2,7 +2,7 @@
 
 Every layer i offers options o = (shape_a, rank) — or "keep it dense" — each with a parameter count
 p(o) and a relative Frobenius error ε(o), read off exact error curves: one SVD per layer and candidate
-shape (:func:`error_curve`, i.e. :func:`kronfact.kron.spectrum_errors` of :func:`kronfact.kron.kron_spectrum`)
+shape (:func:`error_curve`, batched over layers of one shape by :func:`error_curves`)
 gives ε at every rank. The solver picks one option per layer to
 
     minimise Σ_i w_i · ε_i(o_i)²   subject to   fixed + Σ_i p(o_i) ≤ budget,
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .kron import check_shape_a, factor_shapes, kron_spectrum, rearrange, spectrum_errors
+from .errors import KronfactError
+from .kron import check_shape_a, check_weight, factor_shapes, gram_eigvals, kron_spectrum, rearrange
 
 # Balanced candidate shapes per layer besides plain low rank (see candidate_shapes).
 DEFAULT_BALANCED = 5
@@ -38,6 +39,8 @@ DEFAULT_BALANCED = 5
 SLACK = 0.002
 # Largest DP grid (memory: layers × grid float64).
 _MAX_GRID = 1 << 16
+# error_curves stacks at most this many float64 elements of rearranged weights per batched solve.
+_BATCH_ELEMS = 1 << 24
 # Totals this close to the budget count as reaching it.
 WITHIN = 0.01
 
@@ -100,14 +103,36 @@ def error_curve(weight: Tensor, shape_a: Sequence[int], init: str = "vanloan") -
     ``"prune"``: from the norms of R(W)'s columns, the strided slices pruning keeps (length m2·n2 + 1).
     ``"random"`` has no error curve (random factors): the Van Loan curve is used to plan it.
     """
+    return error_curves([weight], shape_a, init)[0]
+
+
+def _relative_tails(s2: Tensor) -> Tensor:
+    """√(Σ_{k≥r} s2_k / Σ_k s2_k) for r = 0 … n, per row of s2 (..., n) (float64; zeros for a zero row)."""
+    tail = torch.cat([s2.new_zeros(*s2.shape[:-1], 1), s2.flip(-1).cumsum(-1)], -1).flip(-1).clamp_min(0)
+    total = tail[..., :1]
+    return (tail / torch.where(total > 0, total, torch.ones_like(total))).sqrt()
+
+
+def error_curves(weights: Sequence[Tensor], shape_a: Sequence[int], init: str = "vanloan") -> list[Tensor]:
+    """:func:`error_curve` of each of ``weights`` (same shape and dtype), on the CPU, batched: the Van Loan curves of
+    non-float64 weights come from one Gram-eigenvalue solve per stack of rearranged weights
+    (:func:`kronfact.kron.gram_eigvals`), at most ``_BATCH_ELEMS`` elements at a time."""
+    for w in weights:
+        check_weight(w)
+    shape_a = check_shape_a(*weights[0].shape, shape_a)
     if init == "prune":
-        norms = rearrange(weight.detach().to(torch.float64), check_shape_a(*weight.shape, shape_a)).square().sum(0)
-        s2 = norms.sort(descending=True).values.flip(0)
-        errors = torch.cat([s2.new_zeros(1), s2.cumsum(0)]).flip(0).clamp_min(0).sqrt()
-    else:
-        errors = spectrum_errors(kron_spectrum(weight.detach(), shape_a))
-    norm = float(errors[0])
-    return errors / norm if norm > 0 else torch.zeros_like(errors)
+        return [_relative_tails(rearrange(w.detach().to(torch.float64), shape_a).square().sum(0)
+                                .sort(descending=True).values).cpu() for w in weights]
+    curves = []
+    step = max(1, _BATCH_ELEMS // weights[0].numel())
+    for i in range(0, len(weights), step):
+        chunk = weights[i:i + step]
+        if chunk[0].dtype == torch.float64:
+            curves += [_relative_tails(kron_spectrum(w.detach(), shape_a).square()).cpu() for w in chunk]
+        else:
+            s2 = gram_eigvals(torch.stack([rearrange(w.detach(), shape_a) for w in chunk]))
+            curves += list(_relative_tails(s2).cpu().unbind(0))
+    return curves
 
 
 def layer_options(curves: dict[tuple[int, int], Tensor], out_features: int, in_features: int, *,
@@ -132,14 +157,14 @@ def layer_options(curves: dict[tuple[int, int], Tensor], out_features: int, in_f
         options += [Option(shape_a, r, r * per_term, errors[r]) for r in ranks]
     if rank is not None and not options:
         limits = {s: len(c) - 1 for s, c in curves.items()}
-        raise ValueError(f"rank={rank} is above the maximum rank of every candidate shape ({limits})")
+        raise KronfactError(f"rank={rank} is above the maximum rank of every candidate shape ({limits})")
     if rank is None and keep_dense:
         options.append(Option(None, 0, dense, 0.0))
     return options
 
 
-def _reachable_error(budget: int, smallest: int, largest: int) -> ValueError:
-    return ValueError(f"budget of {budget:,} parameters is unreachable: with these layers and options the "
+def _reachable_error(budget: int, smallest: int, largest: int) -> KronfactError:
+    return KronfactError(f"budget of {budget:,} parameters is unreachable: with these layers and options the "
                       f"smallest reachable total is {smallest:,} and the largest {largest:,} (every layer at its "
                       "largest option); pick a budget in between, or select other layers")
 
@@ -153,10 +178,10 @@ def solve(options: Sequence[Sequence[Option]], budget: int, fixed: int = 0,
     smallest or more than ``WITHIN`` above the largest. Among equal objectives the larger total wins.
     """
     if not options or any(not opts for opts in options):
-        raise ValueError("every layer needs at least one option")
+        raise KronfactError("every layer needs at least one option")
     weights = [1.0] * len(options) if weights is None else [float(w) for w in weights]
     if len(weights) != len(options) or not all(math.isfinite(w) and w >= 0 for w in weights):
-        raise ValueError(f"weights must be {len(options)} finite non-negative numbers, got {weights}")
+        raise KronfactError(f"weights must be {len(options)} finite non-negative numbers, got {weights}")
     low = [min(o.params for o in opts) for opts in options]
     high = [max(o.params for o in opts) for opts in options]
     smallest, largest = fixed + sum(low), fixed + sum(high)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import KronfactError
 from .kron import (
     KronFactors,
     check_shape_a,
@@ -74,8 +75,8 @@ def check_token_batches(model: nn.Module, batches: Sequence[Any]) -> int:
     way out. Models without a token embedding are not checked (their batches count their leading dims).
     """
     if not batches:
-        raise ValueError("calibration= is empty; give a few thousand tokens, e.g. "
-                         "kronfact.train.calibration_batches(ids, 32, 256)")
+        raise KronfactError("calibration= is empty; give a few thousand tokens, e.g. "
+                            "kronfact.data.calibration_batches(ids, 32, 256)")
     get = getattr(model, "get_input_embeddings", None)
     embedding = get() if callable(get) else None
     vocab = embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
@@ -85,16 +86,16 @@ def check_token_batches(model: nn.Module, batches: Sequence[Any]) -> int:
             batch[0] if isinstance(batch, (tuple, list)) and batch else batch
         if not isinstance(ids, Tensor):
             if vocab is not None:
-                raise ValueError(f"calibration batch {i} is a {type(batch).__name__}; give token-id tensors "
-                                 "(batch, seq), tuples starting with one, or mappings with 'input_ids'")
+                raise KronfactError(f"calibration batch {i} is a {type(batch).__name__}; give token-id tensors "
+                                    "(batch, seq), tuples starting with one, or mappings with 'input_ids'")
             continue
         if vocab is not None:
             if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.dim() != 2:
-                raise ValueError(f"calibration batch {i} is a {ids.dtype} tensor of shape {tuple(ids.shape)}; the "
-                                 "model takes integer token ids of shape (batch, seq), e.g. tokenizer output")
+                raise KronfactError(f"calibration batch {i} is a {ids.dtype} tensor of shape {tuple(ids.shape)}; the "
+                                    "model takes integer token ids of shape (batch, seq), e.g. tokenizer output")
             if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab):
-                raise ValueError(f"calibration batch {i} holds token ids in [{int(ids.min())}, {int(ids.max())}], "
-                                 f"outside the model's vocabulary [0, {vocab}); tokenize with the model's tokenizer")
+                raise KronfactError(f"calibration batch {i} holds token ids in [{int(ids.min())}, {int(ids.max())}], "
+                                    f"outside the model's vocabulary [0, {vocab}); tokenize with the model's tokenizer")
         tokens += ids.shape[:2].numel() if ids.dim() >= 2 else ids.numel()
     return tokens
 
@@ -114,11 +115,11 @@ def collect_input_moments(model: nn.Module, module_names: Sequence[str], batches
         module = modules.get(name)
         if module is None:
             close = difflib.get_close_matches(name, list(modules), n=3, cutoff=0.5)
-            raise ValueError(f"no module named {name!r} in this {type(model).__name__}"
-                             + (f" (closest: {', '.join(close)})" if close else ""))
+            raise KronfactError(f"no module named {name!r} in this {type(model).__name__}"
+                                + (f" (closest: {', '.join(close)})" if close else ""))
         if not (is_eligible(module) or isinstance(module, KronLinear)):
-            raise ValueError(f"{name!r} is a {type(module).__name__}; input moments are collected for "
-                             "nn.Linear, Conv1D and KronLinear modules only")
+            raise KronfactError(f"{name!r} is a {type(module).__name__}; input moments are collected for "
+                                "nn.Linear, Conv1D and KronLinear modules only")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     sums: dict[str, Tensor] = {}
@@ -147,8 +148,8 @@ def collect_input_moments(model: nn.Module, module_names: Sequence[str], batches
             model(*args, **kwargs)
     empty = [n for n in module_names if counts[n] == 0]
     if empty:
-        raise ValueError(f"no calibration tokens reached {', '.join(empty)}: pass at least one non-empty batch "
-                         "that runs through these modules")
+        raise KronfactError(f"no calibration tokens reached {', '.join(empty)}: pass at least one non-empty batch "
+                            "that runs through these modules")
     return {name: sums[name] / counts[name] for name in module_names}
 
 
@@ -158,10 +159,10 @@ def collect_input_moments(model: nn.Module, module_names: Sequence[str], batches
 def _check_moment(moment: Tensor, in_features: int) -> None:
     if not isinstance(moment, Tensor) or tuple(moment.shape) != (in_features, in_features):
         shape = tuple(moment.shape) if isinstance(moment, Tensor) else type(moment).__name__
-        raise ValueError(f"moment must be the ({in_features}, {in_features}) input second moment XᵀX of the "
-                         f"layer (see collect_input_moments), got {shape}")
+        raise KronfactError(f"moment must be the ({in_features}, {in_features}) input second moment XᵀX of the "
+                            f"layer (see collect_input_moments), got {shape}")
     if not moment.is_floating_point() or not bool(torch.isfinite(moment).all()):
-        raise ValueError("moment must be a finite floating-point tensor")
+        raise KronfactError("moment must be a finite floating-point tensor")
 
 
 def _objective(w: Tensor, c: Tensor, a: Tensor, b: Tensor) -> float:
@@ -212,7 +213,7 @@ def _damped_cholesky(m: Tensor, damping: float) -> Tensor:
         if int(info) == 0:
             return chol
         delta = max(delta * 10, 1e-10)
-    raise ValueError("the input moment is too ill-conditioned to whiten; check the calibration inputs")
+    raise KronfactError("the input moment is too ill-conditioned to whiten; check the calibration inputs")
 
 
 def kronecker_moment(moment: Tensor, n1: int, damping: float = DAMPING) -> tuple[Tensor, Tensor]:
@@ -271,7 +272,7 @@ def calibration_errors(model: nn.Module, module_names: Sequence[str], batches: I
 
     def errors(name: str, weight: Tensor, shape_a: Sequence[int]) -> Tensor:
         if name not in moments:
-            raise ValueError(f"no calibration moment for {name!r}; collected for {sorted(moments)}")
+            raise KronfactError(f"no calibration moment for {name!r}; collected for {sorted(moments)}")
         return calibrated_error_curve(weight, moments[name], shape_a, damping)
 
     return errors
@@ -349,9 +350,9 @@ def calibrated_decompose(weight: Tensor, moment: Tensor, shape_a: Sequence[int],
     m1, n1 = check_shape_a(*weight.shape, shape_a)
     _check_moment(moment, weight.shape[1])
     if not isinstance(refine, int) or isinstance(refine, bool) or refine < 0:
-        raise ValueError(f"refine must be a non-negative int (number of ALS sweeps), got {refine!r}")
+        raise KronfactError(f"refine must be a non-negative int (number of ALS sweeps), got {refine!r}")
     if not damping >= 0:
-        raise ValueError(f"damping must be ≥ 0, got {damping!r}")
+        raise KronfactError(f"damping must be ≥ 0, got {damping!r}")
     plain = decompose(weight, (m1, n1), rank, svd=svd)  # validates rank too
     w, c = weight.detach().double(), moment.detach().double().to(weight.device)
     l1, l2 = kronecker_moment(c, n1, damping)

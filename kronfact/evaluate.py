@@ -10,38 +10,29 @@
   (the last one shorter), each window's first token unscored, perplexity = exp(mean over windows of
   the window's mean NLL). The short last window weighs as much as a full one.
 
-Texts come from local files (:func:`tokenize_file`) or, when the network allows, from ``datasets``
-(:func:`load_dataset_text`; Krony-PT used the non-raw wikitext test splits).
+Texts come from :mod:`kronfact.data` (local files, or named sets through ``datasets``; Krony-PT used
+the non-raw wikitext test splits). For encoders, :func:`embedding_cosine` compares sentence
+embeddings (mean-pooled last hidden states) with the uncompressed model's.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data import encode
+from .errors import KronfactError
+from .progress import progress_bar
+
 Protocol = Literal["sliding", "krony"]
 PROTOCOLS: tuple[str, ...] = ("sliding", "krony")
-
-# name → (datasets.load_dataset arguments, tried in order), split "test"
-DATASETS: dict[str, list[tuple[str, str | None]]] = {
-    "wikitext-103": [("wikitext", "wikitext-103-v1")],
-    "wikitext-2": [("wikitext", "wikitext-2-v1")],
-    "lambada": [("EleutherAI/lambada_openai", "default"), ("lambada", None)],
-}
-
-
-class DatasetUnavailableError(RuntimeError):
-    """A named evaluation set could not be loaded (``datasets`` missing, hub unreachable, offline)."""
-
 
 def model_context(model: nn.Module) -> int:
     """The model's maximum number of positions, read from its config."""
@@ -50,8 +41,8 @@ def model_context(model: nn.Module) -> int:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
-    raise ValueError("cannot tell the model's context length (its config has no n_positions or "
-                     "max_position_embeddings): pass context=N")
+    raise KronfactError("cannot tell the model's context length (its config has no n_positions or "
+                        "max_position_embeddings): pass context=N")
 
 
 def _check_context(model: nn.Module, context: int | None) -> int:
@@ -59,17 +50,17 @@ def _check_context(model: nn.Module, context: int | None) -> int:
     if context is None:
         return model_context(model)
     if not isinstance(context, int) or isinstance(context, bool) or context < 2:
-        raise ValueError(f"context must be an int ≥ 2, got {context!r}")
+        raise KronfactError(f"context must be an int ≥ 2, got {context!r}")
     try:
         limit = model_context(model)
     except ValueError:
         return context  # the config does not say: trust the caller
     if context > limit:
-        raise ValueError(f"context={context} exceeds the model's {limit} positions; use context ≤ {limit}")
+        raise KronfactError(f"context={context} exceeds the model's {limit} positions; use context ≤ {limit}")
     return context
 
 
-def _logits(model: nn.Module, input_ids: Tensor) -> Tensor:
+def lm_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
     """(batch, seq) token ids → (batch, seq, vocab) logits, for HF models and plain modules alike."""
     out = model(input_ids)
     if hasattr(out, "logits"):
@@ -97,29 +88,20 @@ def _device(model: nn.Module) -> torch.device:
 def _check_ids(ids: Tensor, model: nn.Module) -> Tensor:
     if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
         what = f"a {ids.dim()}-D {ids.dtype} tensor" if isinstance(ids, Tensor) else type(ids).__name__
-        raise ValueError(f"ids must be a 1-D integer tensor of token ids, got {what}")
+        raise KronfactError(f"ids must be a 1-D integer tensor of token ids, got {what}")
     if ids.numel() < 2:
-        raise ValueError(f"need at least 2 tokens to measure perplexity, got {ids.numel()}")
+        raise KronfactError(f"need at least 2 tokens to measure perplexity, got {ids.numel()}")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or (isinstance(vocab, int) and high >= vocab):
-        raise ValueError(f"token ids span [{low}, {high}] but the model's vocabulary has {vocab} entries: "
-                         "the text was tokenized with a different tokenizer than the model's")
+        raise KronfactError(f"token ids span [{low}, {high}] but the model's vocabulary has {vocab} entries: "
+                            "the text was tokenized with a different tokenizer than the model's")
     return ids.long()
 
 
-@contextmanager
-def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar (nothing when disabled); yields ``advance(n)``."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=True) as prog:
-        task = prog.add_task(description, total=total)
-        yield lambda n: prog.advance(task, n)
+def _exp(nll: float) -> float:
+    """exp(mean NLL) as a perplexity; inf (not OverflowError) for a diverged model's NLL above ~709."""
+    return math.exp(nll) if nll < 709.0 else math.inf
 
 
 @dataclass(frozen=True)
@@ -172,17 +154,17 @@ def perplexity(
     restores the training flag.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        raise KronfactError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     ids = _check_ids(ids, model)
     context = _check_context(model, context)
     if protocol == "krony" and stride not in (None, context):
-        raise ValueError(f"the krony protocol uses non-overlapping windows (stride = context = {context}); "
-                         f"got stride={stride}: drop it or use protocol='sliding'")
+        raise KronfactError(f"the krony protocol uses non-overlapping windows (stride = context = {context}); "
+                            f"got stride={stride}: drop it or use protocol='sliding'")
     stride = max(context // 2, 1) if stride is None else stride
     if not isinstance(stride, int) or not 1 <= stride <= context:
-        raise ValueError(f"stride must be an int in [1, context={context}], got {stride!r}")
+        raise KronfactError(f"stride must be an int in [1, context={context}], got {stride!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise KronfactError(f"batch_size must be a positive int, got {batch_size!r}")
 
     windows = _windows(ids.numel(), context, stride, protocol)
     device = _device(model)
@@ -194,7 +176,7 @@ def perplexity(
                 targets = inputs[:, 1:]
             else:
                 targets = torch.stack([ids[w.begin + 1:w.end + 1] for w in batch]).to(device)
-            logits = _logits(model, inputs)
+            logits = lm_logits(model, inputs)
             for j, w in enumerate(batch):
                 n_scored = targets.shape[1] - w.first
                 nll = F.cross_entropy(logits[j, w.first:w.first + n_scored].float(), targets[j, w.first:],
@@ -203,7 +185,7 @@ def perplexity(
                 window_means.append(float(nll) / n_scored)
             advance(len(batch))
     mean_nll = sum(window_means) / len(window_means) if protocol == "krony" else nll_sum / count
-    return math.exp(mean_nll)
+    return _exp(mean_nll)
 
 
 @dataclass(frozen=True)
@@ -213,14 +195,6 @@ class LambadaResult:
     accuracy: float
     perplexity: float  # exp(mean over examples of the word's summed NLL), lm-evaluation-harness style
     count: int
-
-
-def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens, for a ``tokenizers.Tokenizer`` or a transformers tokenizer."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast HF tokenizers: no length warnings
-    if backend is not None or hasattr(tokenizer, "encode_batch"):
-        return list((backend or tokenizer).encode(text, add_special_tokens=False).ids)
-    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def lambada(
@@ -238,16 +212,16 @@ def lambada(
     are batched right-padded (causal attention keeps padding out of every scored position).
     """
     if isinstance(texts, str) or not len(texts):
-        raise ValueError("texts must be a non-empty list of strings (one LAMBADA example each)")
+        raise KronfactError("texts must be a non-empty list of strings (one LAMBADA example each)")
     context = _check_context(model, context)
     examples = []  # (ids, number of target tokens)
     for i, text in enumerate(texts):
         head, sep, word = text.strip().rpartition(" ")
         if not sep or not head or not word:
-            raise ValueError(f"LAMBADA example {i} has no 'context last-word' split: {text[:60]!r}")
+            raise KronfactError(f"LAMBADA example {i} has no 'context last-word' split: {text[:60]!r}")
         ctx_ids, word_ids = encode(tokenizer, head), encode(tokenizer, " " + word)
         if not ctx_ids or not word_ids or len(word_ids) >= context:
-            raise ValueError(f"LAMBADA example {i} tokenizes to nothing usable: {text[:60]!r}")
+            raise KronfactError(f"LAMBADA example {i} tokenizes to nothing usable: {text[:60]!r}")
         examples.append(((ctx_ids + word_ids)[-context:], len(word_ids)))
     _check_ids(torch.tensor([t for ids, _ in examples for t in ids]), model)
 
@@ -261,92 +235,61 @@ def lambada(
             inputs = torch.zeros(len(chunk), width, dtype=torch.long)
             for j, (ids, _) in enumerate(chunk):
                 inputs[j, :len(ids)] = torch.tensor(ids)
-            logits = _logits(model, inputs.to(device)).float()
+            logits = lm_logits(model, inputs.to(device)).float()
             for j, (ids, n_word) in enumerate(chunk):
                 pred = logits[j, len(ids) - n_word - 1:len(ids) - 1]
                 target = inputs[j, len(ids) - n_word:len(ids)].to(device)
                 nll_total += float(F.cross_entropy(pred, target, reduction="sum"))
                 hits += bool((pred.argmax(-1) == target).all())
             advance(len(chunk))
-    return LambadaResult(accuracy=hits / len(examples), perplexity=math.exp(nll_total / len(examples)),
+    return LambadaResult(accuracy=hits / len(examples), perplexity=_exp(nll_total / len(examples)),
                          count=len(examples))
 
 
-def load_tokenizer(folder: str | os.PathLike) -> Any:
-    """The tokenizer saved in a model folder: its tokenizer.json (``tokenizers``), else AutoTokenizer."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a model folder; cannot find its tokenizer")
-    if (folder / "tokenizer.json").is_file():
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ValueError("reading tokenizer.json needs the `tokenizers` package: "
-                             "pip install 'kronfact[hf]'") from None
-        try:
-            return Tokenizer.from_file(str(folder / "tokenizer.json"))
-        except Exception as err:
-            raise ValueError(f"{folder / 'tokenizer.json'} is not a valid tokenizer file: {err}") from None
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise ValueError(f"{folder} has no tokenizer.json, and loading its tokenizer otherwise needs "
-                         "transformers: pip install 'kronfact[hf]'") from None
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as err:
-        raise ValueError(f"no usable tokenizer in {folder} ({type(err).__name__}: {err}); "
-                         "save one there (tokenizer.json) or point at a folder that has one") from None
+# ------------------------------------------------------------------------------------------- encoders
 
 
-def tokenize_file(path: str | os.PathLike, tokenizer: Any) -> Tensor:
-    """A UTF-8 text file → 1-D LongTensor of token ids (no special tokens added)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"text file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    ids = encode(tokenizer, text)
-    if len(ids) < 2:
-        raise ValueError(f"{path} holds {len(ids)} token(s); need at least 2 to measure perplexity")
-    return torch.tensor(ids, dtype=torch.long)
+def mean_pool(hidden: Tensor, mask: Tensor | None = None) -> Tensor:
+    """(batch, seq, dim) → (batch, dim): the mean over the positions where ``mask`` (batch, seq) is 1."""
+    if mask is None:
+        return hidden.mean(1)
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
 
 
-def hub_texts(candidates: Sequence[tuple[str, str | None]], split: str, *, streaming: bool, what: str) -> Any:
-    """The "text" column of the first of ``candidates`` ((path, config) pairs) that ``datasets`` loads:
-    a list, or a lazy iterator when ``streaming``. Raises :class:`DatasetUnavailableError` naming each
-    failure and the way out (local text files); ``what`` names the set in the message."""
-    try:
-        import datasets
-    except ImportError:
-        raise DatasetUnavailableError(f"{what} needs the `datasets` package (pip install 'kronfact[data]') and "
-                                      "the network; or use a local text file instead (--text FILE, or a path as "
-                                      "training data)") from None
-    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "0") not in ("", "0")]
-    errors = []
-    for path, config in candidates:
-        try:
-            rows = datasets.load_dataset(path, config, split=split, streaming=streaming)
-            return (row["text"] for row in rows) if streaming else list(rows["text"])
-        except Exception as err:  # datasets raises many types: connection, offline, missing config
-            errors.append(f"{path}{'/' + config if config else ''}: {type(err).__name__}: {str(err)[:200]}")
-    why = (f"{' and '.join(offline)} is set and it is not cached" if offline
-           else "the Hugging Face hub is unreachable or the set is not cached")
-    raise DatasetUnavailableError(f"cannot load {what} through datasets ({why}; {'; '.join(errors)}); "
-                                  "use a local text file instead (--text FILE, or a path as training data)")
+def hidden_states(model: nn.Module, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Last hidden states (batch, seq, dim) of a transformers model (base model or one with a head)."""
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    if getattr(out, "last_hidden_state", None) is not None:
+        return out.last_hidden_state
+    if getattr(out, "hidden_states", None) is not None:
+        return out.hidden_states[-1]
+    raise KronfactError(f"{type(model).__name__} returns no hidden states; the hidden objective needs a "
+                        "transformers model")
 
 
-def load_dataset_text(name: str) -> str | list[str]:
-    """A named evaluation set's test split through ``datasets``.
-
-    "wikitext-103" / "wikitext-2": the non-raw test split (as Krony-PT), lines joined with "\\n\\n"
-    as in the Hugging Face perplexity guide → one string. "lambada": the OpenAI LAMBADA test set
-    (EleutherAI/lambada_openai, else "lambada") → a list of texts for :func:`lambada`.
-    Raises :class:`DatasetUnavailableError` naming the cause when it cannot be loaded.
-    """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    texts = hub_texts(DATASETS[name], "test", streaming=False, what=name)
-    return texts if name == "lambada" else "\n\n".join(texts)
+@torch.no_grad()
+def embedding_cosine(model: nn.Module, reference: nn.Module, tokenizer: Any, texts: list[str],
+                     batch_size: int = 32, max_length: int = 128) -> float:
+    """Mean cosine similarity of ``model``'s and ``reference``'s sentence embeddings (mean-pooled last
+    hidden states, padding masked out) over ``texts``, each tokenized with its special tokens."""
+    if not texts:
+        raise KronfactError("embedding_cosine needs at least one text, got an empty list")
+    device = next(model.parameters()).device
+    total = 0.0
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer
+            rows = [[i for i, m in zip(e.ids, e.attention_mask, strict=True) if m][:max_length]
+                    for e in tokenizer.encode_batch(chunk)]
+        else:
+            rows = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in chunk]
+        ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, row in enumerate(rows):
+            ids[j, :len(row)], mask[j, :len(row)] = torch.tensor(row), 1
+        ids, mask = ids.to(device), mask.to(device)
+        a = mean_pool(hidden_states(model, ids, mask).float(), mask)
+        b = mean_pool(hidden_states(reference, ids, mask).float(), mask)
+        total += float(F.cosine_similarity(a, b, dim=-1).sum())
+    return total / len(texts)

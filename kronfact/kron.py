@@ -11,21 +11,31 @@ approximation of R(W). Its Frobenius error is √(Σ_{k≥r} σ_k²) of R(W)'s s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
+from .errors import KronfactError
+
 Init = Literal["vanloan", "prune", "random"]
 INITS: tuple[str, ...] = ("vanloan", "prune", "random")
 
-# Exact SVD when its cost (p·q·min(p, q) multiply-adds for a p×q matrix) stays below this, or when
-# the rank asked for is a sizeable part of the spectrum; randomized subspace iteration otherwise.
+# Exact decomposition when its cost (p·q·min(p, q) multiply-adds for a p×q matrix) stays below this —
+# a LAPACK SVD for float64, the float64 Gram matrix's eigendecomposition otherwise (GEMM-bound, so
+# cheaper per multiply-add) — or when the rank asked for is a sizeable part of the spectrum;
+# randomized subspace iteration otherwise.
 _EXACT_SVD_COST = 2e8
-# At most this many columns (or rows): exact SVD via the float64 Gram matrix.
+_GRAM_COST = 2e9
+# At most this many columns (or rows): the Gram route even for float64.
 _GRAM_MAX_DIM = 4
+# torch's intra-op threads during a LAPACK call on the CPU (SVD, eigensolvers, QR). MKL's threaded
+# LAPACK waits at barriers: when another process holds a core, two threads run it 100× slower than one
+# (measured on 2 cores: eigvalsh of a 576×576 matrix, 19 ms on one thread, 2.8 s on two with a busy
+# core); the GEMMs around the calls keep torch's threads.
+_LAPACK_THREADS = 1
 # Randomized SVD stops once an iteration changes the residual error² by less than this fraction
 # of it (so the error itself moves by < RANDOMIZED_RTOL / 2 relative per iteration).
 RANDOMIZED_RTOL = 1e-4
@@ -51,7 +61,7 @@ def factor_shapes(out_features: int, in_features: int) -> list[FactorShape]:
     """
     for name, v in (("out_features", out_features), ("in_features", in_features)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+            raise KronfactError(f"{name} must be a positive int, got {v!r}")
     shapes = [
         FactorShape((m1, n1), (out_features // m1, in_features // n1),
                     m1 * n1 + (out_features // m1) * (in_features // n1))
@@ -64,16 +74,19 @@ def factor_shapes(out_features: int, in_features: int) -> list[FactorShape]:
 def check_weight(weight: Tensor, what: str = "weight") -> None:
     """Raise ValueError unless ``weight`` is a finite, non-empty, floating-point 2-D tensor."""
     if not isinstance(weight, Tensor):
-        raise ValueError(f"{what} must be a torch.Tensor, got {type(weight).__name__}")
+        raise KronfactError(f"{what} must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
-        raise ValueError(f"{what} must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+        raise KronfactError(f"{what} must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if weight.numel() == 0:
-        raise ValueError(f"{what} is empty (shape {tuple(weight.shape)})")
+        raise KronfactError(f"{what} is empty (shape {tuple(weight.shape)})")
     if not weight.is_floating_point():
-        raise ValueError(f"{what} has dtype {weight.dtype}; a floating-point dtype is required "
-                         "(float32, float64, float16 or bfloat16)")
-    if not bool(torch.isfinite(weight).all()):
-        raise ValueError(f"{what} contains NaN or Inf values; cannot factorize it")
+        raise KronfactError(f"{what} has dtype {weight.dtype}; a floating-point dtype is required "
+                            "(float32, float64, float16 or bfloat16)")
+    # A float64 sum of a lower-precision weight cannot overflow: it is finite iff every entry is (one pass).
+    wide = weight.dtype == torch.float64
+    finite = torch.isfinite(weight).all() if wide else weight.sum(dtype=torch.float64).isfinite()
+    if not bool(finite):
+        raise KronfactError(f"{what} contains NaN or Inf values; cannot factorize it")
 
 
 def check_shape_a(out_features: int, in_features: int, shape_a: Sequence[int]) -> tuple[int, int]:
@@ -84,7 +97,7 @@ def check_shape_a(out_features: int, in_features: int, shape_a: Sequence[int]) -
     except (TypeError, ValueError):
         ok = False
     if not ok or m1 < 1 or n1 < 1 or out_features % m1 or in_features % n1:
-        raise ValueError(
+        raise KronfactError(
             f"shape_a={tuple(shape_a) if isinstance(shape_a, Sequence) else shape_a!r} does not divide the "
             f"({out_features}, {in_features}) weight: shape_a = (m1, n1) needs m1 dividing out_features and "
             f"n1 dividing in_features. Valid m1: {_divisors(out_features)}; valid n1: "
@@ -100,9 +113,9 @@ def max_rank(shape_a: tuple[int, int], shape_b: tuple[int, int]) -> int:
 
 def _check_rank(rank: int, limit: int, why: str) -> int:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
+        raise KronfactError(f"rank must be a positive int, got {rank!r}")
     if rank > limit:
-        raise ValueError(f"rank={rank} is above the maximum {limit} for {why}")
+        raise KronfactError(f"rank={rank} is above the maximum {limit} for {why}")
     return rank
 
 
@@ -129,6 +142,18 @@ def kron_sum(a: Tensor, b: Tensor) -> Tensor:
     return torch.einsum("rik,rjl->ijkl", a, b).reshape(m1 * m2, n1 * n2)
 
 
+def _lapack(fn: Callable[..., Any], x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    """``fn(x, …)`` — a torch.linalg decomposition — with ``_LAPACK_THREADS`` intra-op threads on the CPU."""
+    threads = torch.get_num_threads()
+    if x.device.type != "cpu" or threads <= _LAPACK_THREADS:
+        return fn(x, *args, **kwargs)
+    torch.set_num_threads(_LAPACK_THREADS)
+    try:
+        return fn(x, *args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _compute_dtype(weight: Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
@@ -137,11 +162,30 @@ def kron_spectrum(weight: Tensor, shape_a: Sequence[int]) -> Tensor:
     """Singular values of R(weight), descending, shape (min(m1·n1, m2·n2),).
 
     The best rank-r Kronecker sum has Frobenius error √(Σ_{k≥r} σ_k²), so one call gives the
-    error at every rank. Computed in float32 (float64 for float64 weights), on the weight's device.
+    error at every rank. A float64 SVD for float64 weights; otherwise the square roots of
+    :func:`gram_eigvals` (as accurate as a float32 SVD, and GEMM-bound). On the weight's device.
     """
     check_weight(weight)
     shape_a = check_shape_a(*weight.shape, shape_a)
-    return torch.linalg.svdvals(rearrange(weight.to(_compute_dtype(weight)), shape_a))
+    r_mat = rearrange(weight.detach(), shape_a)
+    if weight.dtype == torch.float64:
+        return _lapack(torch.linalg.svdvals, r_mat)
+    return gram_eigvals(r_mat).sqrt().to(torch.float32)
+
+
+def _gram(r_mat: Tensor) -> Tensor:
+    """The smaller Gram matrix of (a stack of) p×q matrices, in float64: Rᵀ·R if p ≥ q, else R·Rᵀ."""
+    m64 = r_mat.to(torch.float64)
+    return m64.mT @ m64 if m64.shape[-2] >= m64.shape[-1] else m64 @ m64.mT
+
+
+def gram_eigvals(r_mat: Tensor) -> Tensor:
+    """Squared singular values of (a stack of) p×q matrices (..., p, q), descending, float64, shape
+    (..., min(p, q)): the eigenvalues of the smaller Gram matrix. One GEMM and a symmetric
+    eigensolver — several times cheaper than an SVD of a skinny matrix, and free of the LAPACK SVD's
+    collapse when its threads share cores with another process — exact to float64 rounding of
+    σ_max², i.e. far below float32 resolution."""
+    return _lapack(torch.linalg.eigvalsh, _gram(r_mat)).flip(-1).clamp_min(0)
 
 
 def spectrum_errors(sigma: Tensor) -> Tensor:
@@ -201,17 +245,17 @@ def _randomized_svd(r_mat: Tensor, rank: int, total_sq: float, rtol: float,
     k = min(rank + 8, min(p, q))
     gen = torch.Generator(device=r_mat.device).manual_seed(0)
     basis = torch.randn(q, k, generator=gen, device=r_mat.device, dtype=r_mat.dtype)
-    qmat = torch.linalg.qr(r_mat @ basis).Q
+    qmat = _lapack(torch.linalg.qr, r_mat @ basis).Q
     energy = -1.0
     for _ in range(max_iter):
-        z = torch.linalg.qr(r_mat.T @ qmat).Q
-        qmat = torch.linalg.qr(r_mat @ z).Q
-        s = torch.linalg.svdvals(qmat.T @ r_mat)[:rank]
+        z = _lapack(torch.linalg.qr, r_mat.T @ qmat).Q
+        qmat = _lapack(torch.linalg.qr, r_mat @ z).Q
+        s = _lapack(torch.linalg.svdvals, qmat.T @ r_mat)[:rank]
         new_energy = float(s.to(torch.float64).square().sum())
         if abs(new_energy - energy) <= rtol * max(total_sq - new_energy, 1e-12 * total_sq):
             break
         energy = new_energy
-    u_small, s, vh = torch.linalg.svd(qmat.T @ r_mat, full_matrices=False)
+    u_small, s, vh = _lapack(torch.linalg.svd, qmat.T @ r_mat, full_matrices=False)
     return (qmat @ u_small[:, :rank]), s[:rank], vh[:rank].T
 
 
@@ -227,15 +271,17 @@ def top_singular(r_mat: Tensor, rank: int, method: str = "auto",
     ``total_sq`` (‖r_mat‖², computed if not given) saves a pass over a large matrix.
     """
     p, q = r_mat.shape
+    gram = r_mat.dtype != torch.float64 or min(p, q) <= _GRAM_MAX_DIM
     if method == "auto":
-        small = p * q * min(p, q) <= _EXACT_SVD_COST or 4 * rank >= min(p, q)
+        small = p * q * min(p, q) <= (_GRAM_COST if gram else _EXACT_SVD_COST) or 4 * rank >= min(p, q)
         method = "exact" if small else "randomized"
-    if method == "exact" and min(p, q) <= _GRAM_MAX_DIM:
-        # Very skinny R (e.g. B of 1×4): eigendecomposition of the tiny float64 Gram matrix is exact
-        # to float64 rounding and several times faster than a Householder SVD of the tall matrix.
+    if method == "exact" and gram:
+        # Eigendecomposition of the float64 Gram matrix: exact to float64 rounding (far below the
+        # float32 resolution of the weight; float64 weights take it only for very skinny R, e.g. B of
+        # 1×4), and several times faster than a Householder SVD of a skinny matrix.
         flip = p < q
         m64 = (r_mat.T if flip else r_mat).to(torch.float64)
-        evals, evecs = torch.linalg.eigh(m64.T @ m64)
+        evals, evecs = _lapack(torch.linalg.eigh, _gram(m64))
         s_all = evals.flip(0).clamp_min(0).sqrt()
         v = evecs.flip(1)[:, :rank]
         s = s_all[:rank]
@@ -244,7 +290,7 @@ def top_singular(r_mat: Tensor, rank: int, method: str = "auto",
         u, v = (v, u) if flip else (u, v)
         u, s, v = u.to(r_mat.dtype), s.to(r_mat.dtype), v.to(r_mat.dtype)
     elif method == "exact":
-        u, s, vh = torch.linalg.svd(r_mat, full_matrices=False)
+        u, s, vh = _lapack(torch.linalg.svd, r_mat, full_matrices=False)
         err_sq = float(s[rank:].to(torch.float64).square().sum())
         u, s, v = u[:, :rank], s[:rank], vh[:rank].T
     elif method == "randomized":
@@ -253,7 +299,7 @@ def top_singular(r_mat: Tensor, rank: int, method: str = "auto",
         u, s, v = _randomized_svd(r_mat, rank, total_sq, RANDOMIZED_RTOL)
         err_sq = max(total_sq - float(s.to(torch.float64).square().sum()), 0.0)
     else:
-        raise ValueError(f"svd method must be 'auto', 'exact' or 'randomized', got {method!r}")
+        raise KronfactError(f"svd method must be 'auto', 'exact' or 'randomized', got {method!r}")
     u, v = _sign_fix(u, v)
     return u, s, v, err_sq
 
@@ -287,7 +333,7 @@ def decompose(
     shape_a = check_shape_a(out_f, in_f, shape_a)
     shape_b = (out_f // shape_a[0], in_f // shape_a[1])
     if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        raise KronfactError(f"init must be one of {INITS}, got {init!r}")
     limit = shape_b[0] * shape_b[1] if init == "prune" else max_rank(shape_a, shape_b)
     if init == "prune" and prune_index is not None:
         rank = len(prune_index)
@@ -337,13 +383,13 @@ def _prune_columns(r_mat: Tensor, rank: int, shape_b: tuple[int, int],
         try:
             p, q = (int(v) for v in pq)
         except (TypeError, ValueError):
-            raise ValueError(f"prune_index entries must be (p, q) pairs, got {pq!r}") from None
+            raise KronfactError(f"prune_index entries must be (p, q) pairs, got {pq!r}") from None
         if not (0 <= p < m2 and 0 <= q < n2):
-            raise ValueError(f"prune_index entry {(p, q)} is outside shape_b={shape_b}: "
-                             f"need 0 ≤ p < {m2} and 0 ≤ q < {n2}")
+            raise KronfactError(f"prune_index entry {(p, q)} is outside shape_b={shape_b}: "
+                                f"need 0 ≤ p < {m2} and 0 ≤ q < {n2}")
         cols.append(p * n2 + q)
     if len(set(cols)) != len(cols):
-        raise ValueError(f"prune_index has repeated entries: {list(prune_index)}")
+        raise KronfactError(f"prune_index has repeated entries: {list(prune_index)}")
     return torch.tensor(cols, device=r_mat.device)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .errors import KronfactError
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """True for transformers' Conv1D (GPT-2 family), detected without importing transformers.
@@ -29,7 +31,7 @@ def linear_weight(module: nn.Module) -> Tensor:
         return module.weight.T
     if isinstance(module, nn.Linear):
         return module.weight
-    raise ValueError(f"{type(module).__name__} is not an nn.Linear or transformers Conv1D")
+    raise KronfactError(f"{type(module).__name__} is not an nn.Linear or transformers Conv1D")
 
 
 def storage_key(p: Tensor) -> tuple[int, int]:

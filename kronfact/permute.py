@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .calibrate import calibrated_decompose, calibrated_error
+from .errors import KronfactError
 from .kron import KronFactors, check_shape_a, check_weight, decompose, kron_sum
 from .layer import KronLinear, permute_weight
 from .modules import is_conv1d, is_eligible, linear_weight
@@ -105,7 +106,7 @@ def permuted_decompose(weight: Tensor, shape_a: Sequence[int], rank: int = 1, *,
     check_weight(weight)
     shape_a = check_shape_a(*weight.shape, shape_a)
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
-        raise ValueError(f"iters must be a non-negative int, got {iters!r}")
+        raise KronfactError(f"iters must be a non-negative int, got {iters!r}")
     w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
     out_f, in_f = w.shape
     rows = torch.arange(out_f, device=w.device)
@@ -182,11 +183,12 @@ def fold_permutations(model: nn.Module, pairs: Iterable[tuple[str, str]] | None 
     for producer, consumer in pairs:  # validate everything before the first change
         p, c = modules.get(producer), modules.get(consumer)
         if not isinstance(p, KronLinear):
-            raise ValueError(f"producer {producer!r} must be a KronLinear, got {type(p).__name__}")
+            raise KronfactError(f"producer {producer!r} must be a KronLinear, got {type(p).__name__}")
         if not (isinstance(c, KronLinear) or is_eligible(c)):
-            raise ValueError(f"consumer {consumer!r} must be a KronLinear, nn.Linear or Conv1D, got {type(c).__name__}")
+            raise KronfactError(f"consumer {consumer!r} must be a KronLinear, nn.Linear or Conv1D, got "
+                                f"{type(c).__name__}")
         if p.out_features != (c.in_features if isinstance(c, KronLinear) else linear_weight(c).shape[1]):
-            raise ValueError(f"{producer!r} has {p.out_features} outputs but {consumer!r} takes a different width")
+            raise KronfactError(f"{producer!r} has {p.out_features} outputs but {consumer!r} takes a different width")
     folded = []
     with torch.no_grad():
         for producer, consumer in pairs:

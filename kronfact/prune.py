@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .blocks import BlockRunner, calibration_mode
 from .calibrate import damped
+from .errors import KronfactError
 from .modules import linear_weight
 from .rules import Target
 
@@ -152,7 +153,7 @@ def obs_path(gram: Tensor, weight: Tensor, keep: int, *, fixed: int = 0, damping
     """
     n = gram.shape[0]
     if not 0 < keep <= n - fixed:
-        raise ValueError(f"keep must be in [1, {n - fixed}], got {keep}")
+        raise KronfactError(f"keep must be in [1, {n - fixed}], got {keep}")
     alive = torch.arange(n, device=gram.device)
     inv = torch.linalg.inv(damped(gram.double(), damping))
     w = weight.double().clone()
@@ -206,7 +207,7 @@ def _capture(runner: BlockRunner, index: int, module: nn.Module,
     def record(_m: nn.Module, args: tuple) -> None:
         h = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         if not bool(torch.isfinite(h).all()):
-            raise ValueError("calibration produced non-finite activations (NaN/inf); check the model and batches")
+            raise KronfactError("calibration produced non-finite activations (NaN/inf); check the model and batches")
         if bias:
             h = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype, device=h.device)], 1)
         g = (h.T @ h).double()
@@ -267,7 +268,7 @@ def _prune_group(group: NeuronGroup, gram: Tensor, keep: int, damping: float,
 
 
 def prune_neurons(model: nn.Module, groups: Sequence[NeuronGroup], keep: Sequence[int], batches: Iterable[Any], *,
-                  damping: float = DAMPING, compensate: bool = True, progress: bool = True) -> list[PrunedGroup]:
+                  damping: float = DAMPING, compensate: bool = False, progress: bool = True) -> list[PrunedGroup]:
     """Prune every group to ``keep[i]`` neurons, block by block on ``batches``, in place; undone on error.
 
     Each group is calibrated on the hidden states that the already-pruned blocks produce (module
@@ -294,7 +295,7 @@ def prune_neurons(model: nn.Module, groups: Sequence[NeuronGroup], keep: Sequenc
                 for i in by_block.get(b, []):
                     gram, tokens, inputs, outputs = _capture(runner, b, groups[i].consumer.module, compensate)
                     if tokens == 0:
-                        raise ValueError(f"no calibration tokens reached {groups[i].consumer.name}")
+                        raise KronfactError(f"no calibration tokens reached {groups[i].consumer.name}")
                     shift = None
                     if target is not None:
                         drift = torch.cat([(t - o).reshape(-1, t.shape[-1]) for t, o in zip(target, outputs,

@@ -12,15 +12,15 @@
 
 :func:`load_recipe` reads and validates a file (unknown keys, missing fields and wrong types are
 ValueErrors naming the file and the key) and applies ``--set key=value`` overrides (dotted TOML keys,
-values parsed as TOML, bare words as strings). :func:`run_recipe` runs it: load → compress → train →
-evaluate → save. ``recipe_app`` is the ``kronfact recipe`` typer sub-command.
+values parsed as TOML, bare words as strings); relative paths resolve against the recipe's folder.
+:func:`kronfact.run.run_recipe` runs it (load → compress → train → evaluate → save);
+:mod:`kronfact.cli.recipe` is the ``kronfact recipe`` command.
 
 Parameters are counted in full (every tensor once, position tables included).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -28,15 +28,10 @@ import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-import torch
-import typer
-from torch import nn
-
-from .evaluate import model_context
-from .train import TRAIN_DATASETS, TrainConfig, TrainResult, calibration_batches, embedding_cosine, load_tokens
-from .train import train as train_model
+from .errors import KronfactError
+from .train import TrainConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -90,8 +85,9 @@ class CompressSpec:
 class TrainSpec:
     """[train]: data plus any :class:`kronfact.train.TrainConfig` field (held in ``config``)."""
 
-    data: str  # a text file, a folder of *.txt, or a dataset name (kronfact.train.TRAIN_DATASETS)
+    data: str  # a text file, a folder of *.txt, or a dataset name (kronfact.data.TRAIN_SETS)
     val_data: str | None = None  # held-out text for validation: a file, or "dataset:split"
+    holdout: float = 0.0  # or: this fraction of the training tokens (their tail) held out for validation
     data_tokens: int | None = None  # load at most this many training tokens (streamed datasets)
     distill_from_original: bool = True  # teacher = the uncompressed model (needed by distill / encoders)
     config: TrainConfig = field(default_factory=TrainConfig)
@@ -99,7 +95,7 @@ class TrainSpec:
 
 @dataclass
 class EvalSpec:
-    """[eval]: causal models — perplexity on dataset names (kronfact.evaluate.DATASETS) or text files,
+    """[eval]: causal models — perplexity on dataset names (kronfact.data.EVAL_SETS) or text files,
     LAMBADA on "lambada" (or "lambada:FILE", one example a line); encoders — mean cosine of mean-pooled
     embeddings to the uncompressed model over a text file's lines."""
 
@@ -114,7 +110,7 @@ class EvalSpec:
 
 @dataclass
 class OutputSpec:
-    dir: str | None = None  # default: runs/<name>
+    dir: str | None = None  # default: runs/<name> beside the recipe file
 
 
 @dataclass
@@ -131,7 +127,8 @@ class Recipe:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.output.dir or Path("runs") / self.name)
+        """``[output].dir``, else ``runs/<name>`` beside the recipe file."""
+        return Path(self.output.dir) if self.output.dir else Path(self.source or ".").parent / "runs" / self.name
 
     def rules(self) -> str | list[str] | dict[str, dict[str, Any]]:
         """The ``rules`` argument of :func:`kronfact.surgery.compress`."""
@@ -167,7 +164,7 @@ class Recipe:
 # ------------------------------------------------------------------------------------------ validation
 
 
-class _Invalid(ValueError):
+class _Invalid(KronfactError):
     def __init__(self, key: str, message: str):
         super().__init__(message)
         self.key = key
@@ -280,6 +277,12 @@ def _check(recipe: Recipe) -> None:
     if c.calibration_windows < 1 or c.calibration_len < 2:
         raise _Invalid("compress.calibration_windows", "compress.calibration_windows must be ≥ 1 and "
                                                        "compress.calibration_len ≥ 2")
+    t = recipe.train
+    if t is not None and not 0 <= t.holdout < 1:
+        raise _Invalid("train.holdout", f"train.holdout is a fraction of the training tokens in [0, 1), "
+                                        f"got {t.holdout}")
+    if t is not None and t.holdout and t.val_data is not None:
+        raise _Invalid("train.holdout", "give train.val_data or train.holdout, not both")
     if recipe.model.kind == "vision" and recipe.train is not None:
         raise _Invalid("train", "recovery training is implemented for causal LMs and text encoders, not vision "
                                 "models: remove [train]")
@@ -294,14 +297,14 @@ def _parse_override(item: str) -> tuple[str, dict[str, Any]]:
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ValueError(f"--set expects key=value (e.g. train.lr=3e-4), got {item!r}")
+        raise KronfactError(f"--set expects key=value (e.g. train.lr=3e-4), got {item!r}")
     for text in (value.strip(), json.dumps(value.strip())):
         try:
             return key, tomllib.loads(f"{key} = {text}")
         except tomllib.TOMLDecodeError:
             continue
-    raise ValueError(f"--set {item!r}: {key!r} is not a dotted key (quote parts holding dots: "
-                     'compress.layers."mlp.c_fc".rank=2)')
+    raise KronfactError(f"--set {item!r}: {key!r} is not a dotted key (quote parts holding dots: "
+                        'compress.layers."mlp.c_fc".rank=2)')
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
@@ -312,19 +315,55 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
             base[k] = v
 
 
+# The keys that may hold paths (or hub ids / dataset names); "lambada:FILE" eval sets carry theirs after the colon.
+_PATH_KEYS = (("model", "name"), ("compress", "calibration"), ("train", "data"), ("train", "val_data"),
+              ("output", "dir"))
+
+
+def _resolved(value: Any, base: Path, always: bool = False) -> Any:
+    """A relative path → the same path under ``base``; hub ids and dataset names (no such file) stay as they are."""
+    if not isinstance(value, str) or not value:
+        return value
+    if value.startswith("lambada:"):
+        return "lambada:" + _resolved(value.removeprefix("lambada:"), base)
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if always or value.startswith(("./", "../")) or (base / path).exists():
+        return os.path.normpath(base / path)
+    return value
+
+
+def _resolve_paths(table: dict[str, Any], base: Path) -> None:
+    """Resolve the path-valued keys of a recipe table (or of one override) against ``base``, in place."""
+    for section, key in _PATH_KEYS:
+        if isinstance(table.get(section), dict) and key in table[section]:
+            table[section][key] = _resolved(table[section][key], base, always=section == "output")
+    sets = table.get("eval", {}).get("sets") if isinstance(table.get("eval"), dict) else None
+    if isinstance(sets, list):
+        table["eval"]["sets"] = [_resolved(v, base) for v in sets]
+
+
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate the recipe at ``path``. Errors are ValueErrors naming the file and key."""
+    """Read, override and validate the recipe at ``path``. Errors are ValueErrors naming the file and key.
+
+    Relative paths in the file resolve against the file's folder; in ``overrides`` (typed by the user),
+    against the working directory. Without ``[output].dir`` the run is saved in ``runs/<name>`` beside
+    the recipe.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"recipe {path} does not exist")
+        raise KronfactError(f"recipe {path} does not exist")
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid TOML ({err})") from None
+        raise KronfactError(f"{path}: not valid TOML ({err})") from None
+    _resolve_paths(table, path.absolute().parent)
     overridden = []
     for item in overrides:
         key, update = _parse_override(item)
         overridden.append(key)
+        _resolve_paths(update, Path.cwd())
         _merge(table, update)
     try:
         recipe = _build(Recipe, table, "")
@@ -332,231 +371,18 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     except _Invalid as err:
         via = next((f" (from --set {k})" for k in overridden
                     if err.key.startswith(k) or k.startswith(err.key) or k in str(err)), "")
-        raise ValueError(f"{path}: {err}{via}") from None
-    recipe.source = str(path)
+        raise KronfactError(f"{path}: {err}{via}") from None
+    recipe.source = str(path.absolute())
     return recipe
 
 
-# --------------------------------------------------------------------------------------------- running
+def __getattr__(name: str) -> Any:
+    """run_recipe and RecipeResult moved to :mod:`kronfact.run`; importable from here until the next minor release."""
+    if name not in ("run_recipe", "RecipeResult"):
+        raise AttributeError(f"module 'kronfact.recipe' has no attribute {name!r}")
+    import warnings
 
+    from . import run
 
-@dataclass
-class RecipeResult:
-    """What :func:`run_recipe` did: the compression report, training, evaluations, where it saved."""
-
-    recipe: Recipe
-    report: Any
-    params: int
-    train: TrainResult | None = None
-    evals: dict[str, dict[str, float]] = field(default_factory=dict)
-    out_dir: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        train_summary = None
-        if self.train is not None:
-            t = self.train
-            train_summary = {"steps": t.steps, "tokens": t.tokens, "best_step": t.best_step, "best_val": t.best_val,
-                             "final_val": t.final_val, "wall_time": t.wall_time}
-        return {"recipe": self.recipe.name, "source": self.recipe.source, "params": self.params,
-                "report": self.report.to_dict() if hasattr(self.report, "to_dict") else None,
-                "train": train_summary, "evals": self.evals}
-
-
-def _device(spec: ModelSpec) -> torch.device:
-    if spec.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec.device)
-
-
-def _load_model(name: str, kind: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a local folder (kronfact.from_pretrained: compressed or plain) or a hub id."""
-    from . import io
-    from .evaluate import load_tokenizer
-
-    if Path(name).is_dir():
-        model = io.from_pretrained(name, dtype=dtype)
-        tokenizer = load_tokenizer(name) if kind != "vision" else None
-        return model, tokenizer
-    if Path(name).exists() or name.startswith((".", "/")):
-        raise ValueError(f"model {name!r} is not a model folder")
-    import transformers
-
-    auto = transformers.AutoModelForCausalLM if kind == "causal" else transformers.AutoModel
-    try:
-        model = auto.from_pretrained(name, dtype=dtype)
-        tokenizer = None if kind == "vision" else transformers.AutoTokenizer.from_pretrained(name)
-    except OSError as err:
-        raise ValueError(f"cannot load model {name!r}: it is not a local folder and the Hugging Face hub is "
-                         f"unreachable or it is not cached ({str(err).splitlines()[0][:200]}); download it and "
-                         "pass --model PATH") from None
-    return model, tokenizer
-
-
-def _eval_texts(name: str, limit: int) -> list[str]:
-    """Non-empty lines (at most ``limit``) of a text file or of a dataset's test split (wikitext headings left out)."""
-    from .evaluate import DATASETS, load_dataset_text
-
-    if name in DATASETS:
-        text = load_dataset_text(name)
-        text = "\n".join(text) if isinstance(text, list) else text
-    elif Path(name).is_file():
-        text = Path(name).read_text(encoding="utf-8")
-    else:
-        raise ValueError(f"evaluation set {name!r} is neither a known dataset ({sorted(DATASETS)}) nor a text file")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("=")]
-    return lines[:limit]
-
-
-def _evaluate(recipe: Recipe, model: nn.Module, tokenizer: Any, original: nn.Module | None) -> dict[str, dict]:
-    from .evaluate import DATASETS, lambada, load_dataset_text, perplexity, tokenize_file
-
-    e, results = recipe.eval, {}
-    for name in e.sets:
-        if recipe.model.kind == "encoder":
-            texts = _eval_texts(name, e.max_texts)
-            results[name] = {"cosine": embedding_cosine(model, original, tokenizer, texts, e.batch_size)}
-            continue
-        set_name, _, file = name.partition(":")
-        if set_name == "lambada":
-            texts = load_dataset_text("lambada") if not file else _eval_texts(file, e.max_texts)
-            r = lambada(model, tokenizer, texts[:e.max_texts], context=e.context, batch_size=e.batch_size,
-                        progress=True)
-            results[name] = {"accuracy": r.accuracy, "perplexity": r.perplexity, "count": r.count}
-            continue
-        if name in DATASETS:
-            from .evaluate import encode
-
-            ids = torch.tensor(encode(tokenizer, load_dataset_text(name)), dtype=torch.long)
-        else:
-            ids = tokenize_file(name, tokenizer)
-        ids = ids if e.max_tokens is None else ids[:e.max_tokens]
-        ppl = perplexity(model, ids, context=e.context, stride=e.stride, protocol=e.protocol,
-                         batch_size=e.batch_size, progress=True)
-        results[name] = {"perplexity": ppl, "tokens": ids.numel(), "protocol": e.protocol}
-    return results
-
-
-def _val_tokens(spec: TrainSpec, tokenizer: Any) -> torch.Tensor | None:
-    if spec.val_data is None:
-        return None
-    name, _, split = spec.val_data.partition(":")
-    if split and not Path(spec.val_data).exists():
-        return load_tokens(name, tokenizer, split=split, max_tokens=spec.config.eval_tokens)
-    return load_tokens(spec.val_data, tokenizer, max_tokens=spec.config.eval_tokens)
-
-
-def _save(recipe: Recipe, model: nn.Module, tokenizer: Any, result: RecipeResult) -> None:
-    from . import io
-
-    out = recipe.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    has_pretrained = hasattr(tokenizer, "save_pretrained")
-    io.save_pretrained(model, out / "model", tokenizer if has_pretrained else None, overwrite=True)
-    if tokenizer is not None and not has_pretrained:
-        tokenizer.save(str(out / "model" / "tokenizer.json"))
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
-    os.replace(tmp, out / "results.json")
-
-
-def run_recipe(path: str | os.PathLike, model: str | os.PathLike | None = None,
-               overrides: list[str] | tuple[str, ...] = ()) -> RecipeResult:
-    """Run a recipe end to end: load the model (``model`` replaces ``[model].name``), compress it,
-    recover it ([train]), evaluate it ([eval]) and save it under ``[output].dir`` (``model/`` — a
-    folder :func:`kronfact.from_pretrained` reads — and ``results.json``; training checkpoints in
-    ``train/`` make a rerun resume). Under torchrun every rank compresses and trains; rank 0 alone
-    evaluates and writes."""
-    recipe = load_recipe(path, overrides)
-    from .modules import count_parameters
-    from .surgery import compress
-
-    if model is not None:
-        recipe.model.name = str(model)
-    dtype = getattr(torch, recipe.model.dtype)
-    net, tokenizer = _load_model(recipe.model.name, recipe.model.kind, dtype)
-    net.to(_device(recipe.model))
-    keep_original = recipe.model.kind == "encoder" or (recipe.train is not None and recipe.train.config.distill)
-    original = copy.deepcopy(net).eval() if keep_original else None
-
-    kwargs = recipe.compress_kwargs()
-    c = recipe.compress
-    if c.calibration is not None:
-        cap = 8 * c.calibration_windows * c.calibration_len if c.calibration in TRAIN_DATASETS else None
-        ids = load_tokens(c.calibration, tokenizer, max_tokens=cap)
-        kwargs["calibration"] = calibration_batches(ids, c.calibration_windows,
-                                                    min(c.calibration_len, model_context(net)))
-    report = compress(net, recipe.rules(), **kwargs)
-    result = RecipeResult(recipe=recipe, report=report, params=count_parameters(net))
-
-    if recipe.train is not None:
-        spec = recipe.train
-        cfg = spec.config
-        if cfg.out_dir is None:
-            cfg.out_dir = str(recipe.out_dir / "train")
-        if recipe.model.kind == "encoder":
-            cfg.objective = "hidden"
-        cap = spec.data_tokens or (cfg.tokens if spec.data in TRAIN_DATASETS else None)  # streamed: no more than used
-        data = load_tokens(spec.data, tokenizer, max_tokens=cap)
-        result.train = train_model(net, data, cfg, teacher=original, val_data=_val_tokens(spec, tokenizer))
-
-    if int(os.environ.get("RANK", "0")) != 0:
-        return result
-    result.evals = _evaluate(recipe, net, tokenizer, original)
-    result.out_dir = str(recipe.out_dir)
-    _save(recipe, net, tokenizer, result)
-    return result
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-
-recipe_app = typer.Typer(name="recipe", no_args_is_help=True, add_completion=False,
-                         help="Run declarative compression recipes (recipes/*.toml).")
-
-SetOption = Annotated[list[str] | None, typer.Option(
-    "--set", help="Override a recipe key, e.g. --set train.tokens=2e6 or --set compress.budget=81e6 (repeatable).")]
-
-
-@recipe_app.command("run")
-def run_command(
-    recipe: Annotated[Path, typer.Argument(help="The recipe TOML file.")],
-    model: Annotated[Path | None, typer.Option(help="Local model folder to use instead of [model].name.")] = None,
-    set_: SetOption = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")] = False,
-) -> None:
-    """Compress, recover and evaluate a model as a recipe says; save it under [output].dir."""
-    from rich.table import Table
-
-    from .cli import _run, console
-
-    def body() -> None:
-        result = run_recipe(recipe, model, set_ or [])
-        console.print(result.report)
-        if result.train is not None:
-            t = result.train
-            console.print(f"trained {t.steps} steps, {t.tokens:,} tokens in {t.wall_time:.0f} s; best validation "
-                          f"{t.best_val} at step {t.best_step}")
-        table = Table("set", "metric", "value", title=f"{result.recipe.name}: {result.params:,} parameters")
-        for name, metrics in result.evals.items():
-            for k, v in metrics.items():
-                table.add_row(name, k, f"{v:.4f}" if isinstance(v, float) else str(v))
-        console.print(table)
-        if result.out_dir:
-            console.print(f"wrote {result.out_dir}")
-
-    _run(debug, body)
-
-
-@recipe_app.command("show")
-def show_command(
-    recipe: Annotated[Path, typer.Argument(help="The recipe TOML file.")],
-    set_: SetOption = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")] = False,
-) -> None:
-    """Validate a recipe (with its overrides) and print it as JSON."""
-    from .cli import _run, console
-
-    def body() -> None:
-        r = load_recipe(recipe, set_ or [])
-        console.print_json(json.dumps(asdict(r), default=str))
-
-    _run(debug, body)
+    warnings.warn(f"kronfact.recipe.{name} moved to kronfact.run.{name}", DeprecationWarning, stacklevel=2)
+    return getattr(run, name)

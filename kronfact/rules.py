@@ -39,6 +39,7 @@ from typing import Any
 
 from torch import nn
 
+from .errors import KronfactError
 from .modules import is_eligible, storage_key
 
 Rules = str | Sequence[str] | Mapping[str, Mapping[str, Any] | None]
@@ -85,28 +86,29 @@ def parse_rules(rules: Rules) -> list[Rule]:
     elif isinstance(rules, Sequence):
         items = [(r, None) for r in rules]
     else:
-        raise ValueError(f"rules must be a pattern, a list of patterns or a dict {{pattern: options}}, "
-                         f"got {type(rules).__name__}")
+        raise KronfactError(f"rules must be a pattern, a list of patterns or a dict {{pattern: options}}, "
+                            f"got {type(rules).__name__}")
     if not items:
-        raise ValueError("rules is empty: give at least one pattern, e.g. 'mlp.*'")
+        raise KronfactError("rules is empty: give at least one pattern, e.g. 'mlp.*'")
     parsed = []
     for pattern, options in items:
         if not isinstance(pattern, str):
-            raise ValueError(f"every pattern must be a string, got {pattern!r}")
+            raise KronfactError(f"every pattern must be a string, got {pattern!r}")
         rule = Rule(pattern, _check_options(pattern, options))
         if not rule.body or rule.body == "re:":
-            raise ValueError(f"empty pattern {pattern!r}: give a module name, a glob such as 'mlp.*' or 're:<regex>'")
+            raise KronfactError(f"empty pattern {pattern!r}: give a module name, a glob such as 'mlp.*' or "
+                                f"'re:<regex>'")
         if rule.body.startswith("re:"):
             try:
                 re.compile(rule.body[3:])
             except re.error as err:
-                raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {err}") from None
+                raise KronfactError(f"pattern {pattern!r} is not a valid regular expression: {err}") from None
         if rule.exclude and rule.options:
-            raise ValueError(f"exclusion {pattern!r} cannot carry options ({', '.join(rule.options)})")
+            raise KronfactError(f"exclusion {pattern!r} cannot carry options ({', '.join(rule.options)})")
         parsed.append(rule)
     if all(r.exclude for r in parsed):
-        raise ValueError(f"rules {[r.pattern for r in parsed]} only exclude; add a pattern that selects "
-                         "modules, e.g. ['mlp.*', '!h.0.mlp.c_fc']")
+        raise KronfactError(f"rules {[r.pattern for r in parsed]} only exclude; add a pattern that selects "
+                            "modules, e.g. ['mlp.*', '!h.0.mlp.c_fc']")
     return parsed
 
 
@@ -114,11 +116,11 @@ def _check_options(pattern: str, options: Any) -> dict[str, Any]:
     if options is None:
         return {}
     if not isinstance(options, Mapping):
-        raise ValueError(f"options of pattern {pattern!r} must be a dict with keys among {OPTION_KEYS}, "
-                         f"got {type(options).__name__}")
+        raise KronfactError(f"options of pattern {pattern!r} must be a dict with keys among {OPTION_KEYS}, "
+                            f"got {type(options).__name__}")
     unknown = [k for k in options if k not in OPTION_KEYS]
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for pattern {pattern!r}; allowed: {', '.join(OPTION_KEYS)}")
+        raise KronfactError(f"unknown option(s) {unknown} for pattern {pattern!r}; allowed: {', '.join(OPTION_KEYS)}")
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -177,21 +179,22 @@ def _closest(pattern: str, names: Sequence[str]) -> str:
     return "eligible modules include " + ", ".join(shown) + (" …" if len(names) > len(shown) else "")
 
 
-def _no_match(rule: Rule, modules: dict[str, nn.Module], eligible: list[str], heads: list[str]) -> ValueError:
+def _no_match(rule: Rule, modules: dict[str, nn.Module], eligible: list[str], heads: list[str]) -> KronfactError:
     hit = [n for n, m in modules.items() if rule.matches(n)]
     if heads:
-        return ValueError(f"pattern {rule.pattern!r} matches only the output embedding {', '.join(heads)}, which "
-                          "is left out unless a rule names it exactly (e.g. 'lm_head', no wildcards)")
+        return KronfactError(f"pattern {rule.pattern!r} matches only the output embedding {', '.join(heads)}, which "
+                             "is left out unless a rule names it exactly (e.g. 'lm_head', no wildcards)")
     if hit:
         shown = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in hit[:_LISTED])
         hint = ""
         inside = [n for n in eligible if any(n.startswith(h + ".") for h in hit)]
         if inside and not rule.body.startswith("re:"):
             hint = f"; to compress the layers inside, use {rule.body + '.*'!r}"
-        return ValueError(f"pattern {rule.pattern!r} matches no layer kronfact can replace, only "
-                          f"{shown}{' …' if len(hit) > _LISTED else ''}; eligible layers are nn.Linear and "
-                          f"transformers Conv1D{hint}")
-    return ValueError(f"pattern {rule.pattern!r} matches no nn.Linear / Conv1D module; {_closest(rule.body, eligible)}")
+        return KronfactError(f"pattern {rule.pattern!r} matches no layer kronfact can replace, only "
+                             f"{shown}{' …' if len(hit) > _LISTED else ''}; eligible layers are nn.Linear and "
+                             f"transformers Conv1D{hint}")
+    return KronfactError(f"pattern {rule.pattern!r} matches no nn.Linear / Conv1D module; "
+                         f"{_closest(rule.body, eligible)}")
 
 
 def select(model: nn.Module, rules: Rules) -> list[Target]:
@@ -209,7 +212,7 @@ def select(model: nn.Module, rules: Rules) -> list[Target]:
     eligible = [n for n, m in modules.items() if is_eligible(m)]
     if not eligible:
         what = " (the model is itself one; wrap it in a module)" if is_eligible(model) else ""
-        raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D submodule to compress{what}")
+        raise KronfactError(f"{type(model).__name__} has no nn.Linear or Conv1D submodule to compress{what}")
     heads = output_heads(model)
 
     chosen: dict[int, dict[str, Any]] = {}  # id → options, in first-selected order
@@ -237,9 +240,9 @@ def select(model: nn.Module, rules: Rules) -> list[Target]:
         shared = _shared_with(model, modules[name], names)
         if shared:
             tie = "tied to the input embedding " if key in heads else "shared with "
-            raise ValueError(f"{name} has parameters {tie}{', '.join(shared[:_LISTED])}; replacing it would split "
-                             f"the tie. Exclude it (e.g. '!{name}') or untie the weights first")
+            raise KronfactError(f"{name} has parameters {tie}{', '.join(shared[:_LISTED])}; replacing it would split "
+                                f"the tie. Exclude it (e.g. '!{name}') or untie the weights first")
         targets.append(Target(name, modules[name], tuple(names[1:]), chosen[key]))
     if not targets:
-        raise ValueError(f"rules {[r.pattern for r in parsed]} select no module once the exclusions are applied")
+        raise KronfactError(f"rules {[r.pattern for r in parsed]} select no module once the exclusions are applied")
     return targets

@@ -133,8 +133,8 @@ def test_compress_save_load_merge(arch, tmp_path):
         assert {model.get_submodule(n).orientation for n in mlp} == {"conv1d"}
 
     # save_pretrained → from_pretrained: same structure, bit-identical tensors and outputs
-    kronfact.io.save_pretrained(model, tmp_path / "compressed")
-    loaded = kronfact.io.from_pretrained(tmp_path / "compressed")
+    kronfact.pretrained.save_pretrained(model, tmp_path / "compressed")
+    loaded = kronfact.pretrained.from_pretrained(tmp_path / "compressed")
     assert type(loaded) is type(model) and not loaded.training
     assert io.compressed_modules(loaded) == io.compressed_modules(model)
     assert_same_tensors(loaded, model)
@@ -155,12 +155,12 @@ def test_compress_save_load_merge(arch, tmp_path):
     torch.testing.assert_close(merged, compressed, rtol=1e-4, atol=1e-5)
 
     # a merged model saved is a plain transformers checkpoint
-    kronfact.io.save_pretrained(model, tmp_path / "merged")
+    kronfact.pretrained.save_pretrained(model, tmp_path / "merged")
     assert not (tmp_path / "merged" / io.KRONFACT_JSON).exists()
     plain = type(model).from_pretrained(tmp_path / "merged").eval()
     assert_same_tensors(plain, model)
     assert torch.equal(run(plain, inputs), merged)
-    assert torch.equal(run(kronfact.io.from_pretrained(tmp_path / "merged"), inputs), merged)
+    assert torch.equal(run(kronfact.pretrained.from_pretrained(tmp_path / "merged"), inputs), merged)
 
 
 def test_tiny_gpt2_shakespeare_compress_save_generate(tiny_gpt2_dir, tmp_path):
@@ -171,8 +171,8 @@ def test_tiny_gpt2_shakespeare_compress_save_generate(tiny_gpt2_dir, tmp_path):
     assert report.params_after == count_parameters(model) <= 0.66 * before
     assert len(kron_names(model)) == 2 * model.config.n_layer
 
-    kronfact.io.save_pretrained(model, tmp_path / "ckpt", tokenizer=tokenizer)
-    loaded = kronfact.io.from_pretrained(tmp_path / "ckpt")
+    kronfact.pretrained.save_pretrained(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    loaded = kronfact.pretrained.from_pretrained(tmp_path / "ckpt")
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ckpt")
     prompt = tok("ROMEO:", return_tensors="pt").input_ids
     assert prompt.numel() > 0

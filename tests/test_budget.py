@@ -9,7 +9,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from kronfact.budget import Option, candidate_shapes, error_curve, layer_options, solve
+from kronfact.budget import Option, candidate_shapes, error_curve, error_curves, layer_options, solve
 from kronfact.kron import decompose, factor_shapes, max_rank
 
 
@@ -167,3 +167,15 @@ def test_layer_options_cap_ranks_below_dense_and_pin():
     assert layer_options({(4, 4): curve}, 16, 16, rank=12) == [Option((4, 4), 12, 384, float(curve[12]))]
     with pytest.raises(ValueError, match="rank=17 is above the maximum rank"):
         layer_options({(4, 4): curve}, 16, 16, rank=17)
+
+
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4), st.integers(1, 4), st.integers(1, 5),
+       st.integers(0, 2**31))
+@settings(max_examples=40, deadline=None)
+def test_batched_error_curves_equal_single_ones_and_the_float64_curve(m1, n1, m2, n2, count, seed):
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(m1 * m2, n1 * n2, generator=g) for _ in range(count)]
+    batched = error_curves(weights, (m1, n1))
+    for w, curve in zip(weights, batched, strict=True):
+        torch.testing.assert_close(curve, error_curve(w, (m1, n1)), rtol=0, atol=1e-12)
+        torch.testing.assert_close(curve, error_curve(w.double(), (m1, n1)), rtol=0, atol=1e-6)

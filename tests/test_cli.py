@@ -16,7 +16,9 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from kronfact import cli
-from kronfact.cli import analyze_shapes, app, rule_list
+from kronfact.analyze import analyze_shapes
+from kronfact.budget import candidate_shapes
+from kronfact.cli import app, rule_list
 from kronfact.kron import decompose, factor_shapes
 
 runner = CliRunner()
@@ -33,9 +35,9 @@ def invoke(*args):
 
 
 def assert_bad_input(result, *fragments):
-    """Exit code 2, one line on stderr naming the problem, no traceback."""
+    """Exit code 2, one line on stderr naming the problem (after any one-line warnings), no traceback."""
     assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("kronfact: warning: ")]
     assert len(lines) == 1 and lines[0].startswith("kronfact: error: "), result.stderr
     assert "Traceback" not in result.output
     for fragment in fragments:
@@ -90,7 +92,11 @@ def test_analyze_rows_match_decompose_and_the_best_shape_is_the_least_error_that
             n = math.prod(group[0]["shape"])
             assert all(r["params"] <= f * n for r in group)
             best = [r for r in group if r["best"]]
-            assert len(best) == 1 and best[0]["rel_error"] == min(r["rel_error"] for r in group)
+            solver = [r for r in group if r["solver"]]  # compress's own candidates: the recommendation is one
+            assert solver and len(best) == 1 and best[0]["solver"]
+            assert best[0]["rel_error"] == min(r["rel_error"] for r in solver)
+            assert {tuple(r["shape_a"]) for r in solver} == set(candidate_shapes(*group[0]["shape"])) & {
+                tuple(r["shape_a"]) for r in group}
     ranked = [r for r in rows if "fraction" not in r]
     assert {r["rank"] for r in ranked} == {1, 2}
     assert "layers.0.mlp.down_proj" in result.stdout and "keep" in result.stdout
@@ -153,10 +159,10 @@ def test_analyze_shapes_grid_keeps_corners_and_respects_max_side():
     a_shapes = {s.shape_a for s in analyze_shapes(3072, 768, grid=4, max_side=1024)}
     assert (3072, 1) in a_shapes  # plain low rank: R(W) is W, short side 768
     assert (1, 768) not in a_shapes and (1, 1) not in a_shapes and (3072, 768) not in a_shapes
-    assert 4 <= len(a_shapes) <= 16
+    assert 4 <= len(a_shapes) <= 24 and set(candidate_shapes(3072, 768)) <= a_shapes  # the solver's always
     big = analyze_shapes(4096, 4096, grid=4, max_side=1024)
-    assert (4096, 1) not in {s.shape_a for s in big}  # short side 4096: too costly
-    assert big and all(min(s.shape_a[0] * s.shape_a[1], s.shape_b[0] * s.shape_b[1]) <= 1024 for s in big)
+    extra = [s for s in big if s.shape_a not in candidate_shapes(4096, 4096)]  # the grid's own shapes
+    assert extra and all(min(s.shape_a[0] * s.shape_a[1], s.shape_b[0] * s.shape_b[1]) <= 1024 for s in extra)
     every = analyze_shapes(24, 8, grid=0, max_side=10**6)
     assert len(every) == len(factor_shapes(24, 8)) - 3
 
@@ -311,7 +317,8 @@ def reported_ppl(result):
 def test_eval_text_matches_the_python_api(gpt2_dir, text_file, protocol, stride):
     import transformers
 
-    from kronfact.evaluate import load_tokenizer, perplexity, tokenize_file
+    from kronfact.data import load_tokenizer, tokenize_file
+    from kronfact.evaluate import perplexity
 
     args = ["eval", gpt2_dir, "--text", text_file, "--protocol", protocol, "--context", 16]
     if stride:
@@ -423,7 +430,7 @@ def test_merge_gives_a_plain_folder_with_the_same_perplexity(compressed_dir, tex
 
 def test_compress_force_replaces_and_a_failed_write_leaves_nothing(gpt2_dir, tmp_path, monkeypatch):
     pytest.importorskip("kronfact.surgery")
-    from kronfact import io
+    from kronfact import pretrained
 
     out = tmp_path / "out"
     out.mkdir()
@@ -437,7 +444,7 @@ def test_compress_force_replaces_and_a_failed_write_leaves_nothing(gpt2_dir, tmp
         (Path(path) / "model.safetensors").write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io, "save_pretrained", fail_midway)
+    monkeypatch.setattr(pretrained, "save_pretrained", fail_midway)
     fresh = tmp_path / "fresh"
     assert_bad_input(invoke("compress", gpt2_dir, "-o", fresh, "--ratio", "0.8"), "No space left on device")
     assert_bad_input(invoke("compress", gpt2_dir, "-o", out, "--ratio", "0.8", "--force"), "No space left")

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
+import kronfact  # noqa: E402
 from kronfact.kron import decompose  # noqa: E402
 from kronfact.layer import KronLinear  # noqa: E402
 from kronfact.modules import linear_weight  # noqa: E402
@@ -120,6 +121,11 @@ def test_fsdp_trains_to_the_ddp_weights_and_resumes(ddp_run, tmp_path):
     assert fsdp.keys() >= ddp.keys()
     for name in ddp:
         torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-4, atol=1e-5, msg=name)
+    # the file an FSDP run writes is a kronfact file: it reopens into an uncompressed skeleton
+    skeleton = kronfact.load(tmp_path / "run" / "last" / "model.safetensors",
+                             transformers.GPT2LMHeadModel(tiny_compressed_gpt2(seed=0).config))
+    assert sum(isinstance(m, KronLinear) for m in skeleton.modules()) == 4
+    assert all(torch.equal(skeleton.state_dict()[n], t) for n, t in fsdp.items())
 
 
 def test_recipe_entry_point_runs_under_torchrun(tiny_gpt2_dir, shakespeare_dir, tmp_path):

@@ -11,14 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from kronfact.evaluate import (
-    DatasetUnavailableError,
-    lambada,
-    load_dataset_text,
-    load_tokenizer,
-    perplexity,
-    tokenize_file,
-)
+from kronfact.data import DatasetUnavailableError, load_dataset_text, load_tokenizer, tokenize_file
+from kronfact.evaluate import lambada, perplexity
 
 transformers = pytest.importorskip("transformers")
 
@@ -276,7 +270,7 @@ def test_tiny_gpt2_shakespeare_perplexity_is_plausible(tiny_gpt2_dir, shakespear
 
 
 def test_training_data_streams_from_the_hub_with_a_fallback(monkeypatch):
-    from kronfact.train import load_tokens
+    from kronfact.data import load_tokens
 
     calls = []
 

@@ -210,3 +210,31 @@ def test_spectrum_and_factor_shapes_validate_input():
         kronfact.kron_spectrum(torch.randn(12, 8), (5, 1))
     with pytest.raises(ValueError, match="positive int"):
         kronfact.factor_shapes(0, 8)
+
+
+@given(weight_and_shape(), st.data())
+@settings(max_examples=40, deadline=None)
+def test_float32_gram_route_matches_the_float64_svd(case, data):
+    """float32 weights take the float64 Gram eigendecomposition: spectrum, factors and error agree with
+    the float64 SVD to float32 resolution."""
+    w, shape_a, shape_b = case
+    r = data.draw(st.integers(1, kronfact.kron.max_rank(shape_a, shape_b)))
+    w32 = w.float()
+    scale = float(w.norm())
+    exact = kronfact.kron_spectrum(w32.double(), shape_a)
+    torch.testing.assert_close(kronfact.kron_spectrum(w32, shape_a).double(), exact, rtol=0, atol=1e-5 * scale)
+    f32, f64 = kronfact.decompose(w32, shape_a, r), kronfact.decompose(w32.double(), shape_a, r)
+    assert f32.a.dtype == torch.float32
+    assert f32.rel_error == pytest.approx(f64.rel_error, abs=1e-5)
+    torch.testing.assert_close(f32.to_dense().double(), f64.to_dense(), rtol=0, atol=1e-4 * scale)
+
+
+def test_lapack_calls_restore_the_thread_count():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kronfact.decompose(torch.randn(64, 48), (8, 6), 3)
+        kronfact.kron_spectrum(torch.randn(64, 48), (8, 6))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import kronfact
-from kronfact.layer import PATHS, KronLinear, path_ops, plan
+from kronfact.layer import KronLinear
+from kronfact.plans import PATHS, path_ops, plan
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
@@ -214,3 +215,71 @@ def test_vmap_per_sample_gradients(path):
         want = torch.autograd.grad(loss(dict(layer.named_parameters()), xs[i]), list(layer.parameters()))
         for (name, _), w in zip(layer.named_parameters(), want, strict=True):
             torch.testing.assert_close(per_sample[name][i], w)
+
+
+def _aten_ops(fn) -> list[str]:
+    """The aten operators ``fn()`` dispatches, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Log() as log:
+        fn()
+    return log.ops
+
+
+@pytest.mark.parametrize("shape_a", [(20, 1), (1, 12)])  # A a column ⊗ B a row, and the mirror
+@pytest.mark.parametrize("bias", [True, False])
+def test_plain_low_rank_is_exactly_two_gemms(shape_a, bias):
+    layer = KronLinear(12, 20, shape_a, rank=3, bias=bias).eval()
+    x = torch.randn(2, 5, 12)
+    with torch.no_grad():
+        gemms = [op for op in _aten_ops(lambda: layer(x)) if op in ("mm", "addmm", "bmm", "matmul", "linear")]
+        copies = [op for op in _aten_ops(lambda: layer(x)) if op in ("clone", "copy_", "contiguous", "add")]
+    assert len(gemms) == 2 and not copies
+    assert layer.choose_path(10) == ("b_first" if shape_a == (20, 1) else "a_first")
+    torch.testing.assert_close(layer(x), x @ layer.to_dense().T + (layer.bias if bias else 0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_no_autograd_function_when_no_gradient_is_needed(path, monkeypatch):
+    """Inference (no_grad, or frozen parameters and input) never enters the Python autograd function."""
+    from kronfact import plans
+
+    layer = KronLinear(12, 20, (4, 3), rank=2, path=path)
+    x = torch.randn(3, 12)
+    want = layer(x).detach()
+
+    def refuse(*args):
+        raise AssertionError("autograd function called without a gradient to compute")
+
+    monkeypatch.setattr(plans._MatMul, "apply", refuse)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want)
+    layer.requires_grad_(False)
+    torch.testing.assert_close(layer(x), want)
+
+
+def test_plan_cache_follows_token_count_grad_mode_and_forced_path():
+    """Plans are cached per (tokens, dtype, device, grad mode); a forced path overrides the cache."""
+    layer = KronLinear(768, 3072, (768, 768), rank=1).eval()  # Krony-PT 81M c_fc: A-first pays at any size
+    for tokens in (1, 7, 1):
+        x = torch.randn(tokens, 768)
+        with torch.no_grad():
+            y = layer(x)
+        torch.testing.assert_close(y, x @ layer.to_dense().T + layer.bias, rtol=1e-4, atol=1e-4)
+        layer(x).sum().backward()  # the grad-mode entry of the same token count
+    assert {k[0] for k in layer._plans} == {1, 7} and {k[3] for k in layer._plans} == {True, False}
+    x = torch.randn(1, 768)
+    with torch.no_grad():
+        planned = _aten_ops(lambda: layer(x))
+        layer.path = "dense"
+        forced = _aten_ops(lambda: layer(x))
+    assert planned != forced  # the forced path ran, not the cached plan

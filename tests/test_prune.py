@@ -245,8 +245,7 @@ def test_neurons_method_refuses_layers_outside_mlp_groups_and_pinned_options():
 
 
 def _tiny_gpt2_setup(tiny_gpt2_dir, shakespeare_dir):
-    from kronfact.evaluate import load_tokenizer, tokenize_file
-    from kronfact.train import sample_windows
+    from kronfact.data import load_tokenizer, sample_windows, tokenize_file
 
     tok = load_tokenizer(tiny_gpt2_dir)
     train = tokenize_file(shakespeare_dir / "train.txt", tok)
@@ -293,8 +292,8 @@ SMOLLM2 = os.environ.get("KRONFACT_SMOLLM2")
 @pytest.mark.slow
 @pytest.mark.skipif(not SMOLLM2, reason="set KRONFACT_SMOLLM2 to a SmolLM2-135M folder (../shared/tools/smollm2.py)")
 def test_smollm2_half_mlp_stays_usable(shakespeare_dir):
-    from kronfact.evaluate import load_tokenizer, perplexity, tokenize_file
-    from kronfact.train import sample_windows
+    from kronfact.data import load_tokenizer, sample_windows, tokenize_file
+    from kronfact.evaluate import perplexity
 
     tok = load_tokenizer(SMOLLM2)
     val = tokenize_file(shakespeare_dir / "val.txt", tok)[:8193]

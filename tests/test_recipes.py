@@ -13,10 +13,12 @@ transformers = pytest.importorskip("transformers")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from kronfact.io import from_pretrained  # noqa: E402
+from kronfact.cli.recipe import recipe_app  # noqa: E402
 from kronfact.layer import KronLinear  # noqa: E402
 from kronfact.modules import count_parameters  # noqa: E402
-from kronfact.recipe import load_recipe, recipe_app, run_recipe  # noqa: E402
+from kronfact.pretrained import from_pretrained  # noqa: E402
+from kronfact.recipe import load_recipe  # noqa: E402
+from kronfact.run import run_recipe  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ALL = sorted(RECIPES.glob("*.toml"))
@@ -163,16 +165,20 @@ def test_cli_reports_a_bad_recipe_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_shakespeare_recipe_runs_end_to_end(tiny_gpt2_dir, shakespeare_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(RECIPES.parent)  # the recipe's paths are relative to the repository root
+    monkeypatch.chdir(tmp_path)  # the recipe's paths are relative to the recipe file, not the working directory
     out = tmp_path / "run"
     result = run_recipe(RECIPES / "shakespeare-tiny.toml", overrides=[
         "train.tokens=4096", "train.batch_size=4", "train.seq_len=64", "eval.max_tokens=3000", f"output.dir={out}",
-        "train.progress=false"])
+        "train.progress=false", "train.eval_tokens=2000"])
     original = count_parameters(transformers.GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir))
     assert result.params <= 0.66 * original + 1 and result.params >= 0.65 * original
     assert result.train.steps == 4096 // (4 * 64) and result.train.tokens == 4096
-    ppl = result.evals["../shared/data/shakespeare/val.txt"]["perplexity"]
+    ppl = result.evals[str(shakespeare_dir / "val.txt")]["perplexity"]
     assert math.isfinite(ppl) and ppl > 1
+    # the held-out tail of train.txt validates from step 0, and the weights kept are never worse on it
+    t = result.train
+    assert t.initial_val is not None and t.best_val <= t.initial_val
+    assert set(result.evals_before_training) == set(result.evals)
     # the saved folder is a working compressed model with the same numbers
     saved = json.loads((out / "results.json").read_text())
     assert saved["params"] == result.params and saved["evals"] == json.loads(json.dumps(result.evals))
@@ -180,11 +186,27 @@ def test_shakespeare_recipe_runs_end_to_end(tiny_gpt2_dir, shakespeare_dir, tmp_
     assert count_parameters(model) == result.params
     assert any(isinstance(m, KronLinear) for m in model.modules())
     assert (out / "model" / "tokenizer.json").exists() and (out / "train" / "last" / "state.json").exists()
-    from kronfact.evaluate import load_tokenizer, perplexity, tokenize_file
+    from kronfact.data import load_tokenizer, tokenize_file
+    from kronfact.evaluate import perplexity
 
     ids = tokenize_file(shakespeare_dir / "val.txt", load_tokenizer(out / "model"))[:3000]
     assert perplexity(model, ids, context=256, stride=128) == pytest.approx(ppl, rel=1e-5)
     assert os.environ.get("RANK") is None
+
+
+@pytest.mark.slow
+def test_recipe_run_prints_validation_and_evaluations_before_and_after(tiny_gpt2_dir, shakespeare_dir, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(recipe_app, [
+        "run", str(RECIPES / "shakespeare-tiny.toml"), "-o", str(out), "--set", "train.tokens=2048",
+        "--set", "train.batch_size=4", "--set", "train.seq_len=64", "--set", "eval.max_tokens=2000",
+        "--set", "train.progress=false", "--set", "train.eval_every=2", "--set", "train.eval_tokens=2000"])
+    assert result.exit_code == 0, result.output
+    assert "before training →" in result.output and "kept" in result.output
+    assert "before training" in result.output and "after training" in result.output  # the table's columns
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["train"]["initial_val"] is not None and saved["train"]["best_val"] <= saved["train"]["initial_val"]
+    assert saved["evals_before_training"].keys() == saved["evals"].keys()
 
 
 # --------------------------------------------------------------------------- the other families' recipes
@@ -303,11 +325,33 @@ def test_layer_rules_take_max_rank(tmp_path):
         load_recipe(path, ['compress.layers."mlp.gate_proj".max_rank=1.5'])
 
 
+def test_recipe_paths_resolve_against_the_recipe_file(tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "data.txt").write_text("text")
+    (folder / "r.toml").write_text('name = "r"\n[model]\nname = "org/hub-id"\n[compress]\nratio = 0.5\n'
+                                   'calibration = "data.txt"\n[train]\ndata = "../elsewhere/train.txt"\n'
+                                   'holdout = 0.1\n[eval]\nsets = ["wikitext-2", "lambada:data.txt"]\n')
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(folder / "r.toml")
+    assert recipe.model.name == "org/hub-id"  # a hub id, not a path
+    assert recipe.compress.calibration == str(folder / "data.txt")
+    assert recipe.train.data == str(tmp_path / "elsewhere" / "train.txt")
+    assert recipe.eval.sets == ["wikitext-2", f"lambada:{folder / 'data.txt'}"]
+    assert recipe.out_dir == folder / "runs" / "r"
+    typed = load_recipe(folder / "r.toml", ["train.data=./mine.txt", "output.dir=out"])
+    assert typed.train.data == str(tmp_path / "mine.txt") and typed.out_dir == tmp_path / "out"  # typed: cwd
+    with pytest.raises(ValueError, match="train.holdout"):
+        load_recipe(folder / "r.toml", ["train.holdout=1.5"])
+    with pytest.raises(ValueError, match="val_data or train.holdout"):
+        load_recipe(folder / "r.toml", ["train.val_data=data.txt"])
+
+
 @pytest.mark.slow
 def test_calibrated_recipe_prunes_neurons_end_to_end(tiny_gpt2_dir, shakespeare_dir, tmp_path, monkeypatch):
     from kronfact.prune import PrunedLinear
 
-    monkeypatch.chdir(RECIPES.parent)  # the recipe's paths are relative to the repository root
+    monkeypatch.chdir(tmp_path)  # the recipe's paths are relative to the recipe file, not the working directory
     out = tmp_path / "run"
     result = run_recipe(RECIPES / "smollm2-135m.toml", model=tiny_gpt2_dir, overrides=[
         "compress.calibration_windows=8", "compress.calibration_len=64", "train.tokens=1024", "train.seq_len=64",
@@ -322,5 +366,5 @@ def test_calibrated_recipe_prunes_neurons_end_to_end(tiny_gpt2_dir, shakespeare_
     assert all(isinstance(model.get_submodule(n), PrunedLinear) for n in mlp)
     assert not any(isinstance(m, KronLinear) for m in model.modules())
     assert result.train.tokens == 1024
-    assert math.isfinite(result.evals["../shared/data/shakespeare/val.txt"]["perplexity"])
+    assert math.isfinite(result.evals[str(shakespeare_dir / "val.txt")]["perplexity"])
 

@@ -12,20 +12,15 @@ from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
-from kronfact.evaluate import DatasetUnavailableError, perplexity  # noqa: E402
-from kronfact.io import from_pretrained  # noqa: E402
+from kronfact.data import DatasetUnavailableError, load_tokens  # noqa: E402
+from kronfact.evaluate import perplexity  # noqa: E402
+from kronfact.io import load as kronfact_load  # noqa: E402
 from kronfact.kron import decompose  # noqa: E402
 from kronfact.layer import KronLinear  # noqa: E402
 from kronfact.modules import linear_weight  # noqa: E402
-from kronfact.train import (  # noqa: E402
-    TrainConfig,
-    distillation_loss,
-    hidden_distillation_loss,
-    load_tokens,
-    lr_at,
-    param_groups,
-    train,
-)
+from kronfact.objectives import distillation_loss, hidden_distillation_loss  # noqa: E402
+from kronfact.pretrained import from_pretrained  # noqa: E402
+from kronfact.train import TrainConfig, lr_at, param_groups, train  # noqa: E402
 
 VOCAB = 64
 SEQ = 16
@@ -202,6 +197,41 @@ def test_best_on_validation_weights_are_kept(tmp_path):
     assert math.log(perplexity(saved, val, context=SEQ, stride=SEQ)) == pytest.approx(best_val, rel=1e-6)
 
 
+def test_every_file_train_writes_reopens_with_kronfact(tmp_path):
+    """last/model.safetensors and best/ reopen with kronfact.load / from_pretrained, for a plain module
+    and a transformers model: one file name, one format."""
+    def plain_skeleton():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Embedding(VOCAB, 16), torch.nn.Linear(16, VOCAB))
+
+    plain = plain_skeleton()
+    plain[1] = KronLinear.from_factors(decompose(plain[1].weight.detach(), (8, 4), rank=2), plain[1].bias.detach())
+    hf = tiny_gpt2(dropout=0.0)
+    val = stream(5, 400)
+    for model, cfg, out in ((plain, {"objective": "lm"}, tmp_path / "plain"), (hf, {}, tmp_path / "hf")):
+        train(model, stream(7), config(out_dir=str(out), eval_every=2, lr=1e-2, **cfg), val_data=val)
+        skeleton = plain_skeleton() if model is plain else transformers.GPT2LMHeadModel(hf.config)
+        last = kronfact_load(out / "last" / "model.safetensors", skeleton)
+        assert sum(isinstance(m, KronLinear) for m in last.modules()) == sum(
+            isinstance(m, KronLinear) for m in model.modules()) > 0
+        best = (kronfact_load(out / "best" / "model.safetensors", plain_skeleton()) if model is plain
+                else from_pretrained(out / "best"))
+        # the model ends holding its best weights on validation: the best file holds exactly those
+        assert best.state_dict().keys() == model.state_dict().keys()
+        assert all(torch.equal(t, model.state_dict()[k]) for k, t in best.state_dict().items())
+
+
+def test_training_that_only_hurts_keeps_the_untrained_weights():
+    """Step 0 is a candidate: recovery training is never worse on validation than no training."""
+    val = stream(5, 400)
+    model = tiny_gpt2(dropout=0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(model, stream(7), config(eval_every=2, lr=30.0, grad_clip=0.0), val_data=val)
+    assert result.best_step == 0 and result.best_val == result.initial_val
+    assert not result.final_val <= result.initial_val  # worse, or NaN
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_encoder_hidden_distillation_improves_embedding_cosine():
     torch.manual_seed(0)
     config_ = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -326,7 +356,7 @@ def test_fractional_warmup_steps_are_rejected():
 
 
 def test_embedding_cosine_needs_texts():
-    from kronfact.train import embedding_cosine
+    from kronfact.evaluate import embedding_cosine
 
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="at least one text"):
@@ -344,7 +374,7 @@ def test_gradient_accumulation_matches_one_big_batch_over_the_same_windows():
     windows; the reference step therefore takes the two micro-batches' windows explicitly. float64
     weights (the loss itself is taken in float32, as the trainer does) keep summation-order rounding
     far below the tolerance."""
-    from kronfact.train import _seed, sample_windows
+    from kronfact.data import derived_seed, sample_windows
 
     data = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(3))
     cfg = config(tokens=4 * 2 * SEQ, warmup=0, grad_clip=0.0, seed=11)  # one optimizer step
@@ -353,7 +383,7 @@ def test_gradient_accumulation_matches_one_big_batch_over_the_same_windows():
     result = train(model, data, cfg)
     assert result.steps == 1
 
-    windows = torch.cat([sample_windows(data, 4, SEQ + 1, _seed(11, 0, 0, micro)) for micro in range(2)])
+    windows = torch.cat([sample_windows(data, 4, SEQ + 1, derived_seed(11, 0, 0, micro)) for micro in range(2)])
     assert windows.shape == (8, SEQ + 1)
     reference.train()
     optimizer = torch.optim.AdamW(param_groups(reference, cfg.weight_decay), lr=lr_at(0, 1, cfg), betas=cfg.betas,
@@ -402,16 +432,16 @@ def test_gradient_clipping_bounds_the_update():
 def test_progress_bar_runs(monkeypatch):
     import importlib
 
-    train_module = importlib.import_module("kronfact.train")  # the attribute kronfact.train is the function
+    progress_module = importlib.import_module("kronfact.progress")
     bars = []
-    original = train_module._progress
+    original = progress_module.training_bar
 
     def recording(enabled, total, start):
         bar = original(enabled, total, start)
         bars.append(bar)
         return bar
 
-    monkeypatch.setattr(train_module, "_progress", recording)
+    monkeypatch.setattr(progress_module, "training_bar", recording)
     result = train(tiny_gpt2(), stream(7), config(progress=True, tokens=4 * 2 * SEQ * 3))
     assert result.steps == 3 and len(bars) == 1 and bars[0] is not None  # a real rich bar, not the stand-in
     task = bars[0].tasks[0]
@@ -421,7 +451,7 @@ def test_progress_bar_runs(monkeypatch):
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(3, 400), windows=st.integers(1, 20), length=st.integers(2, 64), seed=st.integers(0, 99))
 def test_calibration_batches_are_seeded_windows_of_the_stream(n, windows, length, seed):
-    from kronfact.train import calibration_batches
+    from kronfact.data import calibration_batches
 
     ids = torch.arange(n) * 7  # distinct values: a window's position is readable from its first token
     batches = calibration_batches(ids, windows, length, seed=seed, batch_size=8)
@@ -437,7 +467,7 @@ def test_calibration_batches_are_seeded_windows_of_the_stream(n, windows, length
     (torch.arange(100), 0, 16, "windows ≥ 1"), (torch.arange(100), 4, 1, "length ≥ 2"),
     (torch.arange(2), 4, 16, "too few tokens")])
 def test_calibration_batches_reject_bad_settings(ids, windows, length, message):
-    from kronfact.train import calibration_batches
+    from kronfact.data import calibration_batches
 
     with pytest.raises(ValueError, match=message):
         calibration_batches(ids, windows, length)

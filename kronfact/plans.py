@@ -1,0 +1,209 @@
+"""Execution plans for x·(Σ_i A_i ⊗ B_i)ᵀ: the cost model that picks a path, and the paths themselves.
+
+For one input row x (n1·n2,) reshaped to X (n1, n2): (A ⊗ B)·x = vec(A·X·Bᵀ). With the batch folded
+into large GEMMs there are two orders (B-first: X·Bᵀ then A·(…); A-first: A·X then (…)·Bᵀ) besides
+materialise-then-GEMM. :func:`plan` picks the cheapest for a layer and a number of tokens with a
+roofline cost model that counts the FLOPs and the bytes of every GEMM and every layout copy, plus a
+fixed cost per operation (what dominates a single decoded token); its answers are cached.
+
+A plain low-rank layer (A a column ⊗ B a row, or the mirror) runs as exactly two GEMMs with the
+bias fused into the second. Without autograd every path calls the GEMMs directly; with it, a GEMM
+with a size-1 dimension goes through :class:`_MatMul` (BLAS is slow at rank-1 products and autograd's
+own backward would materialise their outer products), every other one is a plain ``@``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import KronfactError
+from .kron import kron_sum
+
+Path = Literal["dense", "b_first", "a_first"]
+PATHS: tuple[str, ...] = ("dense", "b_first", "a_first")
+
+# Per device type: machine balance (FLOPs per byte of memory traffic: ~200 GFLOP/s fp32 GEMM over
+# ~25 GB/s on a 2-core AVX-512 CPU, near 50 on a datacenter GPU), the extra cost of a freshly
+# allocated intermediate, in multiples of writing it once, and the fixed cost of one operation in FLOP
+# units: ~20 µs on CPU (dispatch, a small GEMM's packing, a cold cache: measured per op of the Kronecker
+# paths on one token, 2 loaded cores), ~5 µs on CUDA (a kernel launch). On CPU, glibc serves
+# blocks above 32 MB with mmap, and first-touch page faults cost ~6× the write itself (measured here;
+# a caching malloc such as jemalloc or MALLOC_MMAP_THRESHOLD_ removes it); CUDA's caching allocator has none.
+MACHINE = {"cpu": (8.0, 6.0, 4e6), "cuda": (50.0, 0.0, 1e8)}
+# GEMMs with an inner or outer dimension below this run below peak: charged proportionally.
+_GEMM_FULL_SPEED_DIM = 32
+
+
+@dataclass(frozen=True)
+class Op:
+    """One step of a path: a GEMM (m×k)·(k×n), or a copy of ``m`` elements (k = n = 0)."""
+
+    m: int
+    k: int = 0
+    n: int = 0
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.m * self.k * self.n
+
+    @property
+    def out_elems(self) -> int:
+        return self.m * self.n if self.k else self.m
+
+    def cost(self, balance: float, elem_bytes: int) -> float:
+        """Estimated time in FLOP units: max(compute, memory), roofline style."""
+        if not self.k:  # layout copy: read + write
+            return 2 * self.m * elem_bytes * balance
+        traffic = (self.m * self.k + self.k * self.n + self.m * self.n) * elem_bytes
+        speed = min(1.0, max(1, min(self.m, self.k, self.n)) / _GEMM_FULL_SPEED_DIM)
+        return max(self.flops / speed, traffic * balance)
+
+
+def _moves(shape: Sequence[int], order: Sequence[int]) -> bool:
+    """True if permuting ``shape`` by ``order`` needs a copy (non-unit dims change order)."""
+    kept = [d for d in order if shape[d] != 1]
+    return kept != sorted(kept)
+
+
+def path_ops(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape_b: tuple[int, int],
+             cached_dense: bool = False) -> list[Op]:
+    """The GEMMs and copies of ``path`` for ``tokens`` input rows (mirrors :func:`kron_matmul`)."""
+    (m1, n1), (m2, n2), r, t = shape_a, shape_b, rank, tokens
+    if path == "dense":
+        build = [] if cached_dense else [Op(m1 * n1, r, m2 * n2), Op(m1 * m2 * n1 * n2)]
+        return build + [Op(t, n1 * n2, m1 * m2)]
+    if path == "b_first":
+        ops = [Op(t * n1, n2, r * m2)]
+        if _moves((t, n1, r, m2), (0, 3, 2, 1)):
+            ops.append(Op(t * n1 * r * m2))
+        ops.append(Op(t * m2, r * n1, m1))
+        if _moves((t, m2, m1), (0, 2, 1)):
+            ops.append(Op(t * m1 * m2))
+        return ops
+    if path == "a_first":
+        ops = [Op(t * n1 * n2)] if _moves((t, n1, n2), (0, 2, 1)) else []
+        ops.append(Op(t * n2, n1, r * m1))
+        if _moves((t, n2, r, m1), (0, 3, 2, 1)):
+            ops.append(Op(t * n2 * r * m1))
+        ops.append(Op(t * m1, r * n2, m2))
+        return ops
+    raise KronfactError(f"path must be one of {PATHS}, got {path!r}")
+
+
+def path_cost(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape_b: tuple[int, int],
+              *, device_type: str = "cpu", elem_bytes: int = 4, cached_dense: bool = False) -> float:
+    """Estimated time of ``path`` in FLOP units: its ops' roofline costs and fixed costs plus, for every
+    intermediate it allocates (all op outputs but the last), the device's allocation penalty."""
+    balance, alloc, per_op = MACHINE.get(device_type, MACHINE["cuda"])
+    ops = path_ops(path, tokens, rank, shape_a, shape_b, cached_dense)
+    fresh = sum(op.out_elems for op in ops[:-1]) * elem_bytes
+    return sum(op.cost(balance, elem_bytes) + per_op for op in ops) + alloc * fresh * balance
+
+
+@functools.lru_cache(maxsize=4096)
+def plan(tokens: int, rank: int, shape_a: tuple[int, int], shape_b: tuple[int, int], *,
+         device_type: str = "cpu", elem_bytes: int = 4, cached_dense: bool = False) -> str:
+    """The cheapest of ``PATHS`` under :func:`path_cost` (dense wins ties); cached per arguments."""
+    return min(PATHS, key=lambda p: path_cost(p, tokens, rank, shape_a, shape_b, device_type=device_type,
+                                                elem_bytes=elem_bytes, cached_dense=cached_dense))
+
+
+def _product(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """(m, k) @ (k, n), plus ``bias`` (p,) added to every p consecutive outputs (row-major) if given.
+
+    A broadcast product when k == 1 (BLAS is slow at rank-1 GEMMs), fused with the bias."""
+    if bias is None:
+        return x * w if x.shape[1] == 1 else x @ w
+    m, n, p = x.shape[0], w.shape[1], bias.numel()
+    if x.shape[1] == 1:
+        return torch.addcmul(bias.view(1, p // n, n), x.view(-1, p // n, 1), w.view(1, 1, n)).view(m, n)
+    if p == n:
+        return torch.addmm(bias, x, w)
+    out = x @ w
+    out.view(-1, p).add_(bias)
+    return out
+
+
+class _MatMul(torch.autograd.Function):
+    """x (m, k) @ w (k, n) [+ bias, see :func:`_product`] whose backward GEMMs, gx = g·wᵀ and
+    gw = xᵀ·g, also become broadcast products when their inner size is 1 — and never materialise
+    autograd's (m, n) temporaries of a broadcast product's backward (a k = 1 product's gradients
+    are two GEMVs). The bias is added in place inside, where autograd does not see a view."""
+
+    generate_vmap_rule = True  # torch.func.vmap / per-sample gradients
+
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+        return _product(x, w, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, w, bias = inputs
+        ctx.save_for_backward(x, w)
+        ctx.bias_size = None if bias is None else bias.numel()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, w = ctx.saved_tensors
+        gx = _product(g, w.T) if ctx.needs_input_grad[0] else None
+        gw = _product(x.T, g) if ctx.needs_input_grad[1] else None
+        gb = g.reshape(-1, ctx.bias_size).sum(0) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def _grad_mm(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """:func:`_product` under autograd: through :class:`_MatMul` when a GEMM of the forward or the
+    backward has a size-1 dimension, else plain autograd ops (no Python in the backward)."""
+    if 1 in (x.shape[0], x.shape[1], w.shape[1]):
+        return _MatMul.apply(x, w, bias)
+    if bias is None:
+        return x @ w
+    p = bias.numel()
+    return torch.addmm(bias, x, w) if p == w.shape[1] else ((x @ w).view(-1, p) + bias).view(x.shape[0], w.shape[1])
+
+
+def _low_rank(x: Tensor, v: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:
+    """x·(u·v)ᵀ + bias as two GEMMs, the bias fused into the second: v (r, in), u (r, out)."""
+    return F.linear(F.linear(x, v), u.T, bias)
+
+
+def kron_matmul(x: Tensor, a: Tensor, b: Tensor, path: str, bias: Tensor | None = None, grad: bool = True) -> Tensor:
+    """x (..., n1·n2) → x·(Σ_i A_i ⊗ B_i)ᵀ + bias of shape (..., m1·m2), by ``path``; a (r, m1, n1),
+    b (r, m2, n2), bias (m1·m2,) or None. ``grad=False`` (nothing needs a gradient) skips the custom
+    autograd function."""
+    r, m1, n1 = a.shape
+    _, m2, n2 = b.shape
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:  # as autocast's GEMMs would cast,
+        # so that the backward sees one dtype (autocast leaves float64 alone)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, a, b = x.to(dtype), a.to(dtype), b.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    if path == "dense":
+        return F.linear(x, kron_sum(a, b), bias)
+    if path not in PATHS:
+        raise KronfactError(f"path must be one of {PATHS}, got {path!r}")
+    if path == "b_first" and n1 == 1 and m2 == 1:  # plain low rank: A (out, 1) columns, B (1, in) rows
+        return _low_rank(x, b.view(r, n2), a.view(r, m1), bias)
+    if path == "a_first" and m1 == 1 and n2 == 1:  # plain low rank, mirrored: A (1, in) rows, B (out, 1) columns
+        return _low_rank(x, a.view(r, n1), b.view(r, m2), bias)
+    lead = x.shape[:-1]
+    t = x.numel() // (n1 * n2) if n1 * n2 else 0
+    mm = _grad_mm if grad else _product
+    if path == "b_first":
+        y = mm(x.reshape(t * n1, n2), b.reshape(r * m2, n2).T)                    # (t·n1, r·m2)
+        y = y.reshape(t, n1, r, m2).permute(0, 3, 2, 1).reshape(t * m2, r * n1)   # (t·m2, r·n1)
+        fuse = m1 == 1 or m2 == 1  # the output needs no transpose: the bias goes into the GEMM
+        y = mm(y, a.permute(0, 2, 1).reshape(r * n1, m1), bias if fuse else None)  # (t·m2, m1)
+        y = y.reshape(t, m2, m1).transpose(1, 2).reshape(*lead, m1 * m2)
+        return y if fuse or bias is None else y + bias
+    y = x.reshape(t, n1, n2).transpose(1, 2).reshape(t * n2, n1)
+    y = mm(y, a.reshape(r * m1, n1).T)                                            # (t·n2, r·m1)
+    y = y.reshape(t, n2, r, m1).permute(0, 3, 2, 1).reshape(t * m1, r * n2)       # (t·m1, r·n2)
+    return mm(y, b.permute(0, 2, 1).reshape(r * n2, m2), bias).reshape(*lead, m1 * m2)
