@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -150,7 +149,9 @@ def rss_child(folder: str, args) -> None:
         model(_ids(pb, pt, vocab), logits_to_keep=1)
         ids = _ids(1, PROMPT, vocab, seed=3)
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
-    print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    # VmHWM, this process's own peak: ru_maxrss survives fork + exec, so a child would report its parent's
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    print(json.dumps({"rss": int(hwm.split()[1]) * 1024}))
 
 
 def disk_and_rss(model, args) -> tuple[int, int]:

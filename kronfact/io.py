@@ -302,24 +302,6 @@ def load(path: str | os.PathLike, model: nn.Module, *, require_metadata: bool = 
 # ------------------------------------------------------------------------------------------------- merge
 
 
-def _merged(layer: KronLinear) -> nn.Module:
-    """The layer type ``layer`` replaced (nn.Linear or Conv1D) holding its dense product."""
-    if layer.orientation == "linear":
-        dense = layer.to_linear()
-    else:
-        from transformers.pytorch_utils import Conv1D
-
-        with torch.device(layer.a.device):
-            dense = Conv1D(layer.out_features, layer.in_features).to(layer.a.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(layer.to_dense().T)  # Conv1D stores (in, out)
-            if layer.bias is None:
-                dense.bias.zero_()
-            else:
-                dense.bias.copy_(layer.bias)
-    return dense.train(layer.training).requires_grad_(layer.a.requires_grad)
-
-
 def merge(model: nn.Module) -> nn.Module:
     """Replace every KronLinear in ``model`` by its original layer type holding the dense weight, in place.
 
@@ -328,9 +310,9 @@ def merge(model: nn.Module) -> nn.Module:
     (the merged layer itself when ``model`` is a KronLinear).
     """
     if isinstance(model, KronLinear):
-        return _merged(model)
+        return model.to_module()
     layers = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, KronLinear)]
-    merged = {id(m): _merged(m) for _, m in layers}  # one module per layer, even when it has several names
+    merged = {id(m): m.to_module() for _, m in layers}  # one module per layer, even when it has several names
     for name, layer in layers:
         model.set_submodule(name, merged[id(layer)])
     return model

@@ -158,6 +158,25 @@ class KronLinear(nn.Module):
                 linear.bias.copy_(self.bias)
         return linear
 
+    def to_module(self) -> nn.Module:
+        """The layer type this one replaced, holding the dense product: an nn.Linear, or transformers'
+        Conv1D (weight stored (in, out), a zero bias when there was none) for orientation "conv1d".
+        Device, dtype, train mode and requires_grad follow this layer. :func:`kronfact.merge` uses it."""
+        if self.orientation == "linear":
+            dense = self.to_linear()
+        else:
+            from transformers.pytorch_utils import Conv1D  # transformers: only when a Conv1D was replaced
+
+            with torch.device(self.a.device):
+                dense = Conv1D(self.out_features, self.in_features).to(self.a.dtype)
+            with torch.no_grad():
+                dense.weight.copy_(self.to_dense().T)
+                if self.bias is None:
+                    dense.bias.zero_()
+                else:
+                    dense.bias.copy_(self.bias)
+        return dense.train(self.training).requires_grad_(self.a.requires_grad)
+
     def choose_path(self, tokens: int, cached_dense: bool = False) -> str:
         """The path :meth:`forward` takes for ``tokens`` rows (:func:`kronfact.plans.plan`)."""
         if self.path != "auto":

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import distributed, progress, resume
-from .data import derived_seed, sample_windows
+from .data import DATASETS, TRAIN_SETS, derived_seed, sample_windows
 from .distributed import Dist, all_mean, init_distributed, no_sync, unwrap
 from .errors import KronfactError
 from .layer import KronLinear
@@ -386,8 +386,6 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'kronfact.train' has no attribute {name!r}")
     warnings.warn(f"kronfact.train.{name} moved to kronfact.{_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
     if name == "TRAIN_DATASETS":
-        from .data import DATASETS, TRAIN_SETS
-
         return {k: DATASETS[k] for k in TRAIN_SETS}
     return getattr(importlib.import_module(f"kronfact.{_MOVED[name]}"), name)
 
