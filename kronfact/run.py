@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import pretrained
+from . import pretrained, resume
 from .atomic import staged_file
 from .data import (
     EVAL_SETS,
@@ -150,6 +150,15 @@ def _save(recipe: Recipe, model: nn.Module, tokenizer: Any, result: RecipeResult
         tmp.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
 
 
+def _check_resumable(recipe: Recipe) -> None:
+    """A KronfactError now, not after compressing, when the run would resume a checkpoint it cannot."""
+    cfg = None if recipe.train is None else recipe.train.config
+    last = None if cfg is None or not cfg.resume else Path(cfg.out_dir) / "last"
+    if last is not None and (last / "state.json").exists():
+        now = {k: getattr(cfg, k) for k in resume.SCHEDULE_FIELDS}
+        resume.check_compatible(resume.read_state(last), now, int(os.environ.get("WORLD_SIZE", "1")), last)
+
+
 def run_recipe(path: str | os.PathLike, model: str | os.PathLike | None = None,
                overrides: list[str] | tuple[str, ...] = ()) -> RecipeResult:
     """Run a recipe end to end: load the model (``model`` replaces ``[model].name``), compress it,
@@ -160,6 +169,11 @@ def run_recipe(path: str | os.PathLike, model: str | os.PathLike | None = None,
     recipe = load_recipe(path, overrides)
     if model is not None:
         recipe.model.name = str(model)
+    if recipe.train is not None:
+        cfg = recipe.train.config
+        cfg.out_dir = cfg.out_dir or str(recipe.out_dir / "train")
+        cfg.objective = "hidden" if recipe.model.kind == "encoder" else cfg.objective
+    _check_resumable(recipe)  # before minutes of loading and compressing
     dtype = getattr(torch, recipe.model.dtype)
     net, tokenizer = _load_model(recipe.model.name, recipe.model.kind, dtype)
     net.to(_device(recipe.model))
@@ -182,10 +196,6 @@ def run_recipe(path: str | os.PathLike, model: str | os.PathLike | None = None,
     if recipe.train is not None:
         spec = recipe.train
         cfg = spec.config
-        if cfg.out_dir is None:
-            cfg.out_dir = str(recipe.out_dir / "train")
-        if recipe.model.kind == "encoder":
-            cfg.objective = "hidden"
         cap = spec.data_tokens or (cfg.tokens if spec.data in TRAIN_SETS else None)  # streamed: no more than used
         data = load_tokens(spec.data, tokenizer, max_tokens=cap)
         val = _val_tokens(spec, tokenizer)

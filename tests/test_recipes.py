@@ -209,6 +209,23 @@ def test_recipe_run_prints_validation_and_evaluations_before_and_after(tiny_gpt2
     assert saved["evals_before_training"].keys() == saved["evals"].keys()
 
 
+def test_a_run_that_cannot_resume_fails_before_loading_the_model(tmp_path, monkeypatch):
+    import kronfact.run as run
+
+    last = tmp_path / "run" / "train" / "last"
+    last.mkdir(parents=True)
+    recipe = load_recipe(RECIPES / "shakespeare-tiny.toml", [f"output.dir={tmp_path / 'run'}"])
+    saved = {k: getattr(recipe.train.config, k) for k in ("tokens", "seq_len", "batch_size")}
+    (last / "state.json").write_text(json.dumps({"format": 1, "world_size": 1, "config": {**saved, "lr": 1.0}}))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the resume check")
+
+    monkeypatch.setattr(run, "_load_model", never)
+    with pytest.raises(ValueError, match="cannot resume .* lr"):
+        run_recipe(RECIPES / "shakespeare-tiny.toml", overrides=[f"output.dir={tmp_path / 'run'}"])
+
+
 # --------------------------------------------------------------------------- the other families' recipes
 
 
