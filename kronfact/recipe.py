@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import KronfactError
+from .evaluate import Protocol
+from .kron import INITS
+from .surgery import METHODS, check_budget
 from .train import TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -58,7 +61,7 @@ class LayerRule:
     shape_a: list[int] | None = None  # nn.Linear orientation (out, in) of A
     rank: int | None = None
     max_rank: int | None = None  # caps the rank the budget / ratio solver may pick for these modules
-    init: Literal["vanloan", "prune", "random"] | None = None
+    init: Literal[INITS] | None = None
     prune_index: list[list[int]] | None = None
 
 
@@ -74,8 +77,8 @@ class CompressSpec:
     shape_a: list[int] | None = None
     rank: int | None = None
     max_rank: int | None = None
-    init: Literal["vanloan", "prune", "random"] = "vanloan"
-    method: Literal["auto", "neurons", "kron"] = "auto"
+    init: Literal[INITS] = "vanloan"
+    method: Literal[METHODS] = "auto"
     calibration: str | None = None  # text for data-aware compression: a file, a folder of *.txt, or a dataset name
     calibration_windows: int = 32  # random windows (seed 0) of calibration_len tokens
     calibration_len: int = 256
@@ -100,7 +103,7 @@ class EvalSpec:
     embeddings to the uncompressed model over a text file's lines."""
 
     sets: list[str] = field(default_factory=list)
-    protocol: Literal["sliding", "krony"] = "sliding"
+    protocol: Protocol = "sliding"
     context: int | None = None
     stride: int | None = None
     batch_size: int = 8
@@ -261,10 +264,11 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
 def _check(recipe: Recipe) -> None:
     """Cross-field rules a type check cannot see."""
     c = recipe.compress
-    if c.budget is not None and c.ratio is not None:
-        raise _Invalid("compress.budget", "give compress.budget or compress.ratio, not both")
-    if c.budget is not None and c.budget <= 0:
-        raise _Invalid("compress.budget", f"compress.budget must be positive, got {c.budget}")
+    try:
+        check_budget(c.budget, c.ratio)
+    except KronfactError as err:
+        message = str(err).replace("budget=", "compress.budget").replace("ratio=", "compress.ratio")
+        raise _Invalid("compress.budget", message) from None
     if c.layers and c.rules is not None:
         raise _Invalid("compress.rules", "give compress.rules or [compress.layers.*] tables, not both")
     for pattern, rule in c.layers.items():

@@ -127,17 +127,18 @@ def _layer(target: Target, defaults: dict[str, Any]) -> _Layer:
     return _Layer(target, weight.detach(), shapes, rank, init, top, prune_index)
 
 
-def _check_budget(budget: Any, ratio: Any) -> None:
+def check_budget(budget: Any, ratio: Any) -> None:
+    """A KronfactError unless at most one of ``budget`` (a positive count) and ``ratio`` (in (0, 1]) is given."""
     if budget is not None and ratio is not None:
         raise KronfactError("give budget= (total parameters after compression) or ratio= (fraction of the selected "
                             "layers' parameters kept), not both")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                or not math.isfinite(budget) or budget <= 0):
-        raise KronfactError(f"budget must be a positive number of parameters (the model's total after compression, "
+        raise KronfactError(f"budget= must be a positive number of parameters (the model's total after compression, "
                             f"e.g. 81e6), got {budget!r}")
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
                               or not 0 < ratio <= 1):
-        raise KronfactError(f"ratio must be in (0, 1], the fraction of the selected layers' parameters kept; "
+        raise KronfactError(f"ratio= must be in (0, 1], the fraction of the selected layers' parameters kept; "
                             f"got {ratio!r}")
 
 
@@ -272,7 +273,7 @@ def compress(model: nn.Module, rules: Rules = "mlp.*", budget: float | None = No
     its dtype, with its bias, train mode and requires_grad. A module reachable under several names is
     replaced under all of them by one KronLinear. Raises ValueError, leaving the model unchanged.
     """
-    _check_budget(budget, ratio)
+    check_budget(budget, ratio)
     defaults = {"shape_a": shape_a, "rank": rank, "init": init, "max_rank": max_rank}
     if init not in INITS:
         raise KronfactError(f"init must be one of {INITS}, got {init!r}")

@@ -456,7 +456,7 @@ def test_compress_force_replaces_and_a_failed_write_leaves_nothing(gpt2_dir, tmp
 def test_compress_bad_options(gpt2_dir, tmp_path):
     pytest.importorskip("kronfact.surgery")
     assert_bad_input(invoke("compress", gpt2_dir, "-o", tmp_path / "o", "--ratio", "0.5", "--budget", "1e5"),
-                     "either --budget or --ratio")
+                     "give --budget", "or --ratio", "not both")
     assert_bad_input(invoke("compress", gpt2_dir, "-o", tmp_path / "o", "--shape-a", "4by4", "--rank", "1"),
                      "--shape-a must look like")
     assert_bad_input(invoke("compress", gpt2_dir, "-o", tmp_path / "o", "--rules", "decoder.*", "--ratio", "0.8"))

@@ -123,7 +123,7 @@ def test_overrides_are_typed_and_merged():
     ("train.lr=fast", "'train.lr' must be float"),
     ("train.tokens=1.5", "'train.tokens' must be int"),
     ("compress.init=svd", "'compress.init' must be"),
-    ("compress.ratio=0.5", "budget or compress.ratio"),
+    ("compress.ratio=0.5", "give compress.budget .* or compress.ratio .*, not both"),
     ("train.batch_size=0", "batch_size=0"),
     ("novalue", "key=value"),
 ])

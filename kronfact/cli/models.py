@@ -27,6 +27,7 @@ from ..checkpoint import PICKLE_SUFFIXES, open_checkpoint, refuse_pickle
 from ..data import EVAL_SETS, calibration_batches, encode, load_dataset_text, load_tokenizer, tokenize_file
 from ..errors import KronfactError
 from ..evaluate import model_context
+from ..kron import INITS
 from .core import DebugOption, ForceOption, JsonOption, app, console, fmt_pair, natural_key, rule_list, run
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -119,7 +120,7 @@ def compress(
                                                 "(instead of --budget).")] = None,
     shape_a: Annotated[str | None, typer.Option(help="Fixed A shape for every matched layer, e.g. 64x32.")] = None,
     rank: Annotated[int | None, typer.Option(help="Fixed rank for every matched layer.")] = None,
-    init: Annotated[str, typer.Option(help="vanloan | prune | random")] = "vanloan",
+    init: Annotated[str, typer.Option(help=" | ".join(INITS))] = "vanloan",
     calibration_text: Annotated[Path | None, typer.Option(help="Text for data-aware compression (tokenized with "
                                                           "the model's tokenizer); needed for pretrained LMs.")] = None,
     calibration_windows: Annotated[int, typer.Option(help="Random windows drawn from --calibration-text "
@@ -136,10 +137,7 @@ def compress(
     """Replace the matched layers of a model by Kronecker sums or pruned MLPs and write the compressed folder."""
 
     def body() -> None:
-        if budget is not None and ratio is not None:
-            raise KronfactError("give either --budget or --ratio, not both")
-        if budget is not None and not (math.isfinite(budget) and budget >= 1):
-            raise KronfactError(f"--budget must be a positive, finite number of parameters (e.g. 81e6), got {budget}")
+        surgery.check_budget(budget, ratio)
         if method not in surgery.METHODS:
             raise KronfactError(f"--method must be one of {', '.join(surgery.METHODS)}, got {method!r}")
         if calibration_text is not None and not calibration_text.is_file():
