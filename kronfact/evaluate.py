@@ -80,7 +80,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _device(model: nn.Module) -> torch.device:
+def _model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
@@ -167,7 +167,7 @@ def perplexity(
         raise KronfactError(f"batch_size must be a positive int, got {batch_size!r}")
 
     windows = _windows(ids.numel(), context, stride, protocol)
-    device = _device(model)
+    device = _model_device(model)
     nll_sum, count, window_means = 0.0, 0, []
     with _eval_mode(model), progress_bar(progress, len(windows), f"perplexity ({protocol})") as advance:
         for batch in _batches(windows, batch_size):
@@ -226,7 +226,7 @@ def lambada(
     _check_ids(torch.tensor([t for ids, _ in examples for t in ids]), model)
 
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-    device = _device(model)
+    device = _model_device(model)
     hits, nll_total = 0, 0.0
     with _eval_mode(model), progress_bar(progress, len(order), "lambada") as advance:
         for start in range(0, len(order), batch_size):

@@ -198,7 +198,7 @@ def empty_layer(e: CompressedModule, device: torch.device | str, dtype: torch.dt
     return layer
 
 
-def _plan(model: nn.Module, entries: list[CompressedModule], source: str) -> dict[str, nn.Module]:
+def _empty_layers(model: nn.Module, entries: list[CompressedModule], source: str) -> dict[str, nn.Module]:
     """The empty KronLinear / PrunedLinear to put at each recorded name, after checking it fits the skeleton."""
     modules = dict(model.named_modules())
     layers = {}
@@ -280,7 +280,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, require_metadata: bool = 
     """
     path = Path(path)
     entries, shapes, dtypes = read_file_header(path, plain_ok=not require_metadata)
-    layers = _plan(model, entries, str(path))
+    layers = _empty_layers(model, entries, str(path))
     _check_tensors(model, layers, shapes, dtypes, str(path))
     try:
         state = load_file(path)

@@ -64,7 +64,7 @@ class RecipeResult:
                 "train": train_summary, "evals": self.evals, "evals_before_training": self.evals_before_training}
 
 
-def _device(spec: ModelSpec) -> torch.device:
+def _target_device(spec: ModelSpec) -> torch.device:
     if spec.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(spec.device)
@@ -176,7 +176,7 @@ def run_recipe(path: str | os.PathLike, model: str | os.PathLike | None = None,
     _check_resumable(recipe)  # before minutes of loading and compressing
     dtype = getattr(torch, recipe.model.dtype)
     net, tokenizer = _load_model(recipe.model.name, recipe.model.kind, dtype)
-    net.to(_device(recipe.model))
+    net.to(_target_device(recipe.model))
     keep_original = recipe.model.kind == "encoder" or (recipe.train is not None and recipe.train.config.distill)
     original = copy.deepcopy(net).eval() if keep_original else None
 
