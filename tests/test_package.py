@@ -4,7 +4,10 @@ import ast
 import importlib
 import pkgutil
 import types
+import warnings
 from pathlib import Path
+
+import pytest
 
 import kronfact
 
@@ -71,3 +74,19 @@ def test_no_import_cycles():
 def test_modules_stay_small():
     sizes = {p.relative_to(PACKAGE): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert max(sizes.values()) <= 410, {str(p): n for p, n in sizes.items() if n > 410}
+
+
+def test_moved_names_still_import_with_a_deprecation_warning():
+    from kronfact import data, pretrained, run
+
+    moved = [("kronfact.io", "from_pretrained", pretrained.from_pretrained),
+             ("kronfact.train", "calibration_batches", data.calibration_batches),
+             ("kronfact.train", "load_tokens", data.load_tokens),
+             ("kronfact.recipe", "run_recipe", run.run_recipe)]
+    for module, name, now in moved:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert getattr(importlib.import_module(module), name) is now
+        assert any(issubclass(w.category, DeprecationWarning) and name in str(w.message) for w in caught)
+    with pytest.raises(AttributeError):
+        importlib.import_module("kronfact.io").no_such_name  # noqa: B018
