@@ -88,7 +88,7 @@ def methods(ratio: float, target: float, batches: list[Tensor], stats: Callable[
         "tucker": lambda m: peers.tensor_factorized(m, ratio, "tucker"),
         "blocktt": lambda m: peers.tensor_factorized(m, ratio, "blocktt"),
         "depth": lambda m: peers.depth_student(m, target),
-        "kron_solver": ours(method="kron"),
+        "kron_solver": ours(method="kron", error_weights="calibrated"),
         "kronfact": ours(),
         "no_repair": pruned(score="obs", sequential=True, repair=False),
         "no_stream": pruned(score="obs", sequential=False, repair=True),
