@@ -257,10 +257,12 @@ def report(args, info, results, load_before, load_after) -> str:
     (pb, pt), (tb, tt) = args.prefill, args.train
     return (f"## Whole models: {args.model}, original vs compressed\n\n"
             f"Command: `{cmd}` — {machine()}. Load average (1 min) {load_before[0]:.1f} before and "
-            f"{load_after[0]:.1f} after the timing: the 2 cores were shared with other jobs (a 1-thread benchmark "
-            f"and other sessions' tests), so absolute figures are low and noisy; ratios come from the same "
-            f"round-robin run. Prefill {pb}×{pt} tokens (last-position logits), decode {args.new_tokens} new tokens "
-            f"after a {PROMPT}-token prompt (generate, KV cache, greedy), training step {tb}×{tt} tokens (AdamW); "
+            f"{load_after[0]:.1f} after the timing"
+            + (f" (above this benchmark's own {args.threads}: other jobs shared the cores, so absolute figures are "
+               "low and noisy)" if max(load_before[0], load_after[0]) > args.threads + 0.5 else "")
+            + f"; ratios come from the same round-robin run. Prefill {pb}×{pt} tokens (last-position logits), "
+            f"decode {args.new_tokens} new tokens after a {PROMPT}-token prompt (generate, KV cache, greedy), "
+            f"training step {tb}×{tt} tokens (AdamW); "
             f"median of {args.reps} round-robin repetitions after a warm-up call; metrics: {', '.join(metrics)}. "
             "Peak RSS: a fresh process loading the saved folder and running one prefill and an 8-token decode.\n\n"
             + "\n".join(lines))
