@@ -71,10 +71,10 @@ class LayerAnalysis:
     curve: list[float]  # best relative error at each of PLOT_FRACTIONS (nan where no candidate fits)
 
 
-def _row(name: str, shape: tuple[int, int], s: FactorShape, rank: int, errors: list[float], **extra: Any) -> dict:
+def _row(name: str, shape: tuple[int, int], s: FactorShape, rank: int, errors: list[float], solver: bool,
+         **extra: Any) -> dict:
     return {"name": name, "shape": list(shape), "shape_a": list(s.shape_a), "shape_b": list(s.shape_b),
-            "rank": rank, "params": rank * s.params_per_term, "rel_error": errors[rank],
-            "solver": s.shape_a in candidate_shapes(*shape), **extra}
+            "rank": rank, "params": rank * s.params_per_term, "rel_error": errors[rank], "solver": solver, **extra}
 
 
 def analyze_weight(name: str, weight: torch.Tensor, ranks: list[int], fractions: list[float],
@@ -90,16 +90,18 @@ def analyze_weight(name: str, weight: torch.Tensor, ranks: list[int], fractions:
     rows: list[dict[str, Any]] = []
     by_fraction: dict[float, list[dict[str, Any]]] = {f: [] for f in fractions}
     curve = [math.inf] * len(PLOT_FRACTIONS)
+    solver_shapes = set(candidate_shapes(*shape))
     for s in shapes:
+        solver = s.shape_a in solver_shapes
         errs = spectrum_errors(kron_spectrum(weight, s.shape_a))
         norm = float(errs[0])
         errors = [float(e) / norm if norm > 0 else 0.0 for e in errs]
         top = max_rank(s.shape_a, s.shape_b)
-        rows += [_row(name, shape, s, r, errors) for r in ranks if r <= top]
+        rows += [_row(name, shape, s, r, errors, solver) for r in ranks if r <= top]
         for f in fractions:
             r = min(int(f * n // s.params_per_term), top)
             if r >= 1:
-                by_fraction[f].append(_row(name, shape, s, r, errors, fraction=f, best=False))
+                by_fraction[f].append(_row(name, shape, s, r, errors, solver, fraction=f, best=False))
         for i, f in enumerate(PLOT_FRACTIONS):
             r = min(int(f * n // s.params_per_term), top)
             if r >= 1:

@@ -152,17 +152,17 @@ def read_file_header(path: Path, plain_ok: bool = False) -> tuple[list[Compresse
     except (SafetensorError, OSError) as e:
         raise KronfactError(f"{path} is not a readable safetensors file ({e}); it is truncated or corrupt — "
                             "save the model again") from None
+    shapes, dtypes = {name: t.shape for name, t in headers.items()}, {name: t.dtype for name, t in headers.items()}
     version = metadata.get("kronfact_format")
     if version is None and plain_ok:
-        return [], {name: t.shape for name, t in headers.items()}, {name: t.dtype for name, t in headers.items()}
+        return [], shapes, dtypes
     if version is None:
         raise KronfactError(f"{path} has no kronfact metadata (it was not written by kronfact.save); load a plain "
                             "safetensors file with safetensors.torch.load_model")
     if version != FORMAT_VERSION:
         raise KronfactError(f"{path} uses kronfact format {version!r}, but this kronfact reads format "
                             f"{FORMAT_VERSION!r}; upgrade kronfact to read it")
-    return (parse_modules(metadata.get("kronfact_modules"), str(path)),
-            {name: t.shape for name, t in headers.items()}, {name: t.dtype for name, t in headers.items()})
+    return parse_modules(metadata.get("kronfact_modules"), str(path)), shapes, dtypes
 
 
 def parse_modules(text: Any, source: str) -> list[CompressedModule]:

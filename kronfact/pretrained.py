@@ -149,13 +149,13 @@ def verify_folder(path: str | os.PathLike) -> dict[CompressedModule, int]:
     the file holds each module's tensors in the shapes its entry implies.
     """
     path = Path(path)
-    listed = read_kronfact_json(path / KRONFACT_JSON)
+    in_json = read_kronfact_json(path / KRONFACT_JSON)
     entries, shapes, _ = read_file_header(path / WEIGHTS_NAME)
-    if entries != listed:
+    if entries != in_json:
         raise KronfactError(f"{path / KRONFACT_JSON} and {path / WEIGHTS_NAME} disagree on the compressed modules; "
                             "the folder was modified after saving — save it again")
     params = {}
-    for e in listed:
+    for e in in_json:
         want = {f"{e.name}.{k}": tuple(t.shape)
                 for k, t in empty_layer(e, "meta", torch.float32, str(path)).state_dict().items()}
         if bad := [k for k in want if shapes.get(k) != want[k]]:
@@ -186,15 +186,13 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     if path.is_dir() and not (path / KRONFACT_JSON).is_file():
         model = _load_plain(path, cls, kw)
         return model if device is None else model.to(device)
+    if path.is_dir():
+        verify_folder(path)  # kronfact.json against the weights' header, before the skeleton is built
     model = cls._from_config(config, **kw)
     if path.is_file():
         load(path, model, require_metadata=False)
     else:
-        listed = read_kronfact_json(path / KRONFACT_JSON)
         load(path / WEIGHTS_NAME, model)
-        if compressed_modules(model) != listed:
-            raise KronfactError(f"{path / KRONFACT_JSON} and {path / WEIGHTS_NAME} disagree on the compressed "
-                                "modules; the folder was modified after saving — save it again")
     model.tie_weights()
     if (folder / "generation_config.json").is_file():
         model.generation_config = transformers.GenerationConfig.from_pretrained(folder)

@@ -105,28 +105,36 @@ def _eval_texts(name: str, limit: int) -> list[str]:
     return lines[:limit]
 
 
-def _evaluate(recipe: Recipe, model: nn.Module, tokenizer: Any, original: nn.Module | None) -> dict[str, dict]:
-    e, results = recipe.eval, {}
+def _eval_inputs(recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
+    """Each [eval] set read and tokenized once (it is evaluated before and after training): lines of
+    text for encoders and LAMBADA, a token-id tensor for perplexity."""
+    e, inputs = recipe.eval, {}
     for name in e.sets:
-        if recipe.model.kind == "encoder":
-            texts = _eval_texts(name, e.max_texts)
-            results[name] = {"cosine": embedding_cosine(model, original, tokenizer, texts, e.batch_size)}
-            continue
         set_name, _, file = name.partition(":")
-        if set_name == "lambada":
-            texts = load_dataset_text("lambada") if not file else _eval_texts(file, e.max_texts)
-            r = lambada(model, tokenizer, texts[:e.max_texts], context=e.context, batch_size=e.batch_size,
-                        progress=True)
-            results[name] = {"accuracy": r.accuracy, "perplexity": r.perplexity, "count": r.count}
-            continue
-        if name in EVAL_SETS:
-            ids = torch.tensor(encode(tokenizer, load_dataset_text(name)), dtype=torch.long)
+        if recipe.model.kind == "encoder":
+            inputs[name] = _eval_texts(name, e.max_texts)
+        elif set_name == "lambada":
+            inputs[name] = (load_dataset_text("lambada") if not file else _eval_texts(file, e.max_texts))[:e.max_texts]
         else:
-            ids = tokenize_file(name, tokenizer)
-        ids = ids if e.max_tokens is None else ids[:e.max_tokens]
-        ppl = perplexity(model, ids, context=e.context, stride=e.stride, protocol=e.protocol,
-                         batch_size=e.batch_size, progress=True)
-        results[name] = {"perplexity": ppl, "tokens": ids.numel(), "protocol": e.protocol}
+            ids = (torch.tensor(encode(tokenizer, load_dataset_text(name)), dtype=torch.long) if name in EVAL_SETS
+                   else tokenize_file(name, tokenizer))
+            inputs[name] = ids if e.max_tokens is None else ids[:e.max_tokens]
+    return inputs
+
+
+def _evaluate(recipe: Recipe, model: nn.Module, tokenizer: Any, original: nn.Module | None,
+              inputs: dict[str, Any]) -> dict[str, dict]:
+    e, results = recipe.eval, {}
+    for name, data in inputs.items():
+        if recipe.model.kind == "encoder":
+            results[name] = {"cosine": embedding_cosine(model, original, tokenizer, data, e.batch_size)}
+        elif name.partition(":")[0] == "lambada":
+            r = lambada(model, tokenizer, data, context=e.context, batch_size=e.batch_size, progress=True)
+            results[name] = {"accuracy": r.accuracy, "perplexity": r.perplexity, "count": r.count}
+        else:
+            ppl = perplexity(model, data, context=e.context, stride=e.stride, protocol=e.protocol,
+                             batch_size=e.batch_size, progress=True)
+            results[name] = {"perplexity": ppl, "tokens": data.numel(), "protocol": e.protocol}
     return results
 
 
@@ -191,8 +199,9 @@ def run_recipe(path: str | os.PathLike, model: str | os.PathLike | None = None,
     result = RecipeResult(recipe=recipe, report=report, params=count_parameters(net))
 
     main = int(os.environ.get("RANK", "0")) == 0
+    inputs = _eval_inputs(recipe, tokenizer) if main else {}
     if recipe.train is not None and main:  # what recovery starts from, on the same sets
-        result.evals_before_training = _evaluate(recipe, net, tokenizer, original)
+        result.evals_before_training = _evaluate(recipe, net, tokenizer, original, inputs)
     if recipe.train is not None:
         spec = recipe.train
         cfg = spec.config
@@ -201,12 +210,12 @@ def run_recipe(path: str | os.PathLike, model: str | os.PathLike | None = None,
         val = _val_tokens(spec, tokenizer)
         if spec.holdout:  # the tail of the training text, never trained on
             cut = len(data) - max(int(len(data) * spec.holdout), 1)
-            data, val = data[:cut], data[cut:][:cfg.eval_tokens]
+            data, val = data[:cut], data[cut:]  # train() keeps the first eval_tokens of it
         result.train = train_model(net, data, cfg, teacher=original, val_data=val)
 
     if not main:
         return result
-    result.evals = _evaluate(recipe, net, tokenizer, original)
+    result.evals = _evaluate(recipe, net, tokenizer, original, inputs)
     result.out_dir = str(recipe.out_dir)
     _save(recipe, net, tokenizer, result)
     return result

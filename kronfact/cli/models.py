@@ -73,8 +73,8 @@ def _model_folder(path: Path) -> Path:
 
 
 def load_model(path: Path) -> Any:
-    """A transformers model (compressed or not) from a folder or a .safetensors file with config.json beside."""
-    _model_folder(path)
+    """A transformers model (compressed or not) from a folder or a .safetensors file with config.json beside,
+    already checked by :func:`_model_folder`."""
     try:
         import transformers
     except ImportError:
@@ -143,6 +143,7 @@ def compress(
         if calibration_text is not None and not calibration_text.is_file():
             raise KronfactError(f"--calibration-text {calibration_text} does not exist or is not a file")
         check_output(out, force)  # before minutes of work, not after
+        _model_folder(model)
         patterns, given = rule_list(rules), {"shape_a": _parse_shape(shape_a), "rank": rank, "ratio": ratio,
                                              "budget": None if budget is None else int(budget)}
         m = load_model(model)
