@@ -101,15 +101,11 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     osd = get_optimizer_state_dict(model, optimizer, options=state_options(d))
     if d.main:
         tensors, opt_meta = _flatten_optimizer(osd)
-
-        def write(tmp: Path) -> None:
+        with staged_dir(path) as tmp:
             save_weights(state, tmp / "model.safetensors", model)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "state.json").write_text(json.dumps(dict(meta, format=CHECKPOINT_FORMAT, optimizer=opt_meta),
                                                        indent=1) + "\n")
-
-        with staged_dir(path) as tmp:
-            write(tmp)
     barrier(d)
 
 

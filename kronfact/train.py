@@ -229,7 +229,7 @@ def train(
         raise KronfactError(f"the {'hidden-state distillation' if kind == 'hidden' else 'distillation'} objective "
                             "needs teacher=<the uncompressed model>")
     if not isinstance(data, Tensor) or data.dim() != 1 or data.is_floating_point():
-        raise KronfactError("data must be a 1-D integer tensor of token ids (see kronfact.train.load_tokens)")
+        raise KronfactError("data must be a 1-D integer tensor of token ids (see kronfact.data.load_tokens)")
     seq_len = config.seq_len or context_of(model)
     if config.seq_len is not None:
         check_seq_len(model, config.seq_len)
