@@ -22,6 +22,7 @@ best use of the budget.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from .errors import KronfactError
 from .kron import check_shape_a, check_weight, factor_shapes, gram_eigvals, kron_spectrum, rearrange
+from .threads import parallel_map
 
 # Balanced candidate shapes per layer besides plain low rank (see candidate_shapes).
 DEFAULT_BALANCED = 5
@@ -116,23 +118,31 @@ def _relative_tails(s2: Tensor) -> Tensor:
 def error_curves(weights: Sequence[Tensor], shape_a: Sequence[int], init: str = "vanloan") -> list[Tensor]:
     """:func:`error_curve` of each of ``weights`` (same shape and dtype), on the CPU, batched: the Van Loan curves of
     non-float64 weights come from one Gram-eigenvalue solve per stack of rearranged weights
-    (:func:`kronfact.kron.gram_eigvals`), at most ``_BATCH_ELEMS`` elements at a time."""
+    (:func:`kronfact.kron.gram_eigvals`), at most ``_BATCH_ELEMS`` elements at a time, the stacks
+    solved side by side on the CPU's threads (:func:`kronfact.threads.parallel_map`)."""
     for w in weights:
         check_weight(w)
     shape_a = check_shape_a(*weights[0].shape, shape_a)
     if init == "prune":
         return [_relative_tails(rearrange(w.detach().to(torch.float64), shape_a).square().sum(0)
                                 .sort(descending=True).values).cpu() for w in weights]
-    curves = []
-    step = max(1, _BATCH_ELEMS // weights[0].numel())
-    for i in range(0, len(weights), step):
-        chunk = weights[i:i + step]
-        if chunk[0].dtype == torch.float64:
-            curves += [_relative_tails(kron_spectrum(w.detach(), shape_a).square()).cpu() for w in chunk]
-        else:
-            s2 = gram_eigvals(torch.stack([rearrange(w.detach(), shape_a) for w in chunk]))
-            curves += list(_relative_tails(s2).cpu().unbind(0))
-    return curves
+    # Chunks of at most _BATCH_ELEMS elements, as many as the threads can share evenly, run side by side.
+    n, threads = len(weights), torch.get_num_threads()
+    chunks = -(-n // max(1, _BATCH_ELEMS // weights[0].numel()))
+    chunks = min(n, -(-chunks // threads) * threads)
+    size = -(-n // chunks)
+    cpu = weights[0].device.type == "cpu"
+    found = parallel_map(functools.partial(_spectrum_tails, shape_a=shape_a),
+                         [weights[i:i + size] for i in range(0, n, size)], parallel=cpu)
+    return [curve for chunk in found for curve in chunk]
+
+
+def _spectrum_tails(weights: Sequence[Tensor], shape_a: tuple[int, int]) -> list[Tensor]:
+    """The Van Loan error curves (on the CPU) of a chunk of same-shape weights."""
+    if weights[0].dtype == torch.float64:
+        return [_relative_tails(kron_spectrum(w.detach(), shape_a).square()).cpu() for w in weights]
+    s2 = gram_eigvals(torch.stack([rearrange(w.detach(), shape_a) for w in weights]))
+    return list(_relative_tails(s2).cpu().unbind(0))
 
 
 def layer_options(curves: dict[tuple[int, int], Tensor], out_features: int, in_features: int, *,

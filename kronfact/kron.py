@@ -11,14 +11,15 @@ approximation of R(W). Its Frobenius error is √(Σ_{k≥r} σ_k²) of R(W)'s s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .errors import KronfactError
+from .threads import lapack
 
 Init = Literal["vanloan", "prune", "random"]
 INITS: tuple[str, ...] = ("vanloan", "prune", "random")
@@ -31,11 +32,6 @@ _EXACT_SVD_COST = 2e8
 _GRAM_COST = 2e9
 # At most this many columns (or rows): the Gram route even for float64.
 _GRAM_MAX_DIM = 4
-# torch's intra-op threads during a LAPACK call on the CPU (SVD, eigensolvers, QR). MKL's threaded
-# LAPACK waits at barriers: when another process holds a core, two threads run it 100× slower than one
-# (measured on 2 cores: eigvalsh of a 576×576 matrix, 19 ms on one thread, 2.8 s on two with a busy
-# core); the GEMMs around the calls keep torch's threads.
-_LAPACK_THREADS = 1
 # Randomized SVD stops once an iteration changes the residual error² by less than this fraction
 # of it (so the error itself moves by < RANDOMIZED_RTOL / 2 relative per iteration).
 RANDOMIZED_RTOL = 1e-4
@@ -142,18 +138,6 @@ def kron_sum(a: Tensor, b: Tensor) -> Tensor:
     return torch.einsum("rik,rjl->ijkl", a, b).reshape(m1 * m2, n1 * n2)
 
 
-def _lapack(fn: Callable[..., Any], x: Tensor, *args: Any, **kwargs: Any) -> Any:
-    """``fn(x, …)`` — a torch.linalg decomposition — with ``_LAPACK_THREADS`` intra-op threads on the CPU."""
-    threads = torch.get_num_threads()
-    if x.device.type != "cpu" or threads <= _LAPACK_THREADS:
-        return fn(x, *args, **kwargs)
-    torch.set_num_threads(_LAPACK_THREADS)
-    try:
-        return fn(x, *args, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _compute_dtype(weight: Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
@@ -169,7 +153,7 @@ def kron_spectrum(weight: Tensor, shape_a: Sequence[int]) -> Tensor:
     shape_a = check_shape_a(*weight.shape, shape_a)
     r_mat = rearrange(weight.detach(), shape_a)
     if weight.dtype == torch.float64:
-        return _lapack(torch.linalg.svdvals, r_mat)
+        return lapack(torch.linalg.svdvals, r_mat)
     return gram_eigvals(r_mat).sqrt().to(torch.float32)
 
 
@@ -185,7 +169,7 @@ def gram_eigvals(r_mat: Tensor) -> Tensor:
     eigensolver — several times cheaper than an SVD of a skinny matrix, and free of the LAPACK SVD's
     collapse when its threads share cores with another process — exact to float64 rounding of
     σ_max², i.e. far below float32 resolution."""
-    return _lapack(torch.linalg.eigvalsh, _gram(r_mat)).flip(-1).clamp_min(0)
+    return lapack(torch.linalg.eigvalsh, _gram(r_mat)).flip(-1).clamp_min(0)
 
 
 def spectrum_errors(sigma: Tensor) -> Tensor:
@@ -245,17 +229,17 @@ def _randomized_svd(r_mat: Tensor, rank: int, total_sq: float, rtol: float,
     k = min(rank + 8, min(p, q))
     gen = torch.Generator(device=r_mat.device).manual_seed(0)
     basis = torch.randn(q, k, generator=gen, device=r_mat.device, dtype=r_mat.dtype)
-    qmat = _lapack(torch.linalg.qr, r_mat @ basis).Q
+    qmat = lapack(torch.linalg.qr, r_mat @ basis).Q
     energy = -1.0
     for _ in range(max_iter):
-        z = _lapack(torch.linalg.qr, r_mat.T @ qmat).Q
-        qmat = _lapack(torch.linalg.qr, r_mat @ z).Q
-        s = _lapack(torch.linalg.svdvals, qmat.T @ r_mat)[:rank]
+        z = lapack(torch.linalg.qr, r_mat.T @ qmat).Q
+        qmat = lapack(torch.linalg.qr, r_mat @ z).Q
+        s = lapack(torch.linalg.svdvals, qmat.T @ r_mat)[:rank]
         new_energy = float(s.to(torch.float64).square().sum())
         if abs(new_energy - energy) <= rtol * max(total_sq - new_energy, 1e-12 * total_sq):
             break
         energy = new_energy
-    u_small, s, vh = _lapack(torch.linalg.svd, qmat.T @ r_mat, full_matrices=False)
+    u_small, s, vh = lapack(torch.linalg.svd, qmat.T @ r_mat, full_matrices=False)
     return (qmat @ u_small[:, :rank]), s[:rank], vh[:rank].T
 
 
@@ -281,7 +265,7 @@ def top_singular(r_mat: Tensor, rank: int, method: str = "auto",
         # 1×4), and several times faster than a Householder SVD of a skinny matrix.
         flip = p < q
         m64 = (r_mat.T if flip else r_mat).to(torch.float64)
-        evals, evecs = _lapack(torch.linalg.eigh, _gram(m64))
+        evals, evecs = lapack(torch.linalg.eigh, _gram(m64))
         s_all = evals.flip(0).clamp_min(0).sqrt()
         v = evecs.flip(1)[:, :rank]
         s = s_all[:rank]
@@ -290,7 +274,7 @@ def top_singular(r_mat: Tensor, rank: int, method: str = "auto",
         u, v = (v, u) if flip else (u, v)
         u, s, v = u.to(r_mat.dtype), s.to(r_mat.dtype), v.to(r_mat.dtype)
     elif method == "exact":
-        u, s, vh = _lapack(torch.linalg.svd, r_mat, full_matrices=False)
+        u, s, vh = lapack(torch.linalg.svd, r_mat, full_matrices=False)
         err_sq = float(s[rank:].to(torch.float64).square().sum())
         u, s, v = u[:, :rank], s[:rank], vh[:rank].T
     elif method == "randomized":

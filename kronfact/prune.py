@@ -34,9 +34,10 @@ from rich.progress import track
 from torch import Tensor, nn
 
 from .blocks import BlockRunner, calibration_mode
-from .calibrate import damped
+from .calibrate import check_token_batches, damped
 from .errors import KronfactError
-from .modules import linear_weight
+from .modules import count_parameters, is_conv1d, linear_weight
+from .report import CompressionReport, LayerReport
 from .rules import Target
 
 # Relative damping of the hidden Gram: G + δ·mean(diag G)·I.
@@ -318,3 +319,36 @@ def prune_neurons(model: nn.Module, groups: Sequence[NeuronGroup], keep: Sequenc
             model.set_submodule(name, module)
         raise
     return done
+
+
+def compress_neurons(model: nn.Module, groups: list[NeuronGroup], budget: float | None, ratio: float | None,
+                     calibration: list[Any], compensate: bool = False, progress: bool = True) -> CompressionReport:
+    """``compress(method="neurons")`` once its options are checked: prune ``groups`` (every selected layer)
+    to ``budget`` total parameters, or ``ratio`` of the groups' parameters, on the ``calibration`` batches."""
+    tokens = check_token_batches(model, calibration)
+    before = count_parameters(model)
+    selected = sum(g.params for g in groups)
+    fixed = before - selected
+    target = int(budget) if budget is not None else fixed + math.floor(ratio * selected)
+    smallest = fixed + sum(g.params_at(min(g.hidden, MULTIPLE)) for g in groups)
+    if not smallest <= target:
+        raise KronfactError(f"budget {target:,} is out of reach for neuron pruning: the smallest model keeps "
+                            f"{smallest:,} parameters ({MULTIPLE} neurons per MLP), the original has {before:,}")
+    keep = uniform_keep(groups, target - fixed)
+    todo = [i for i, (g, k) in enumerate(zip(groups, keep, strict=True)) if k < g.hidden]
+    most = max((keep[i] for i in todo), default=0)
+    if tokens < most:
+        raise KronfactError(f"calibration holds {tokens:,} tokens, fewer than the {most:,} neurons kept in an MLP: the "
+                            "least-squares refit is underdetermined; give more (e.g. 32 windows of 256 tokens)")
+    done = prune_neurons(model, [groups[i] for i in todo], [keep[i] for i in todo], calibration,
+                         compensate=compensate, progress=progress) if todo else []
+    rows = []
+    for result in done:
+        for t in (*result.group.producers, result.group.consumer):
+            new = result.layers[t.name]
+            rows.append(LayerReport(t.name, tuple(linear_weight(t.module).shape), tuple(new.weight.shape), (1, 1), 1,
+                                    "neurons", sum(p.numel() for p in t.module.parameters()),
+                                    sum(p.numel() for p in new.parameters()), result.rel_error,
+                                    "conv1d" if is_conv1d(t.module) else "linear", t.aliases))
+    kept = [n for i, g in enumerate(groups) if i not in todo for n in g.names]
+    return CompressionReport(rows, before, count_parameters(model), kept, target)

@@ -18,6 +18,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +32,10 @@ from .kron import INITS, check_shape_a, check_weight, decompose
 from .modules import count_parameters, is_conv1d, linear_weight
 from .permute import PermutedFactors, permuted_decompose
 from .progress import progress_bar
-from .prune import MULTIPLE, NeuronGroup, neuron_groups, prune_neurons, uniform_keep
+from .prune import compress_neurons, neuron_groups
 from .report import CompressionReport, LayerReport
 from .rules import Rules, Target, select
+from .threads import parallel_map
 
 METHODS = ("auto", "neurons", "kron")
 _NO_DATA_HINT = ("compress() without calibration= fits every matrix in Frobenius norm, which can destroy a pretrained "
@@ -293,7 +295,15 @@ def compress(model: nn.Module, rules: Rules = "mlp.*", budget: float | None = No
         if calibration is None and (budget, ratio) != (None, None):
             warnings.warn(_NO_DATA_HINT, UserWarning, stacklevel=2)
     if method == "neurons":
-        return _compress_neurons(model, groups, rest, budget, ratio, calibration, compensate, progress, pinned)
+        if rest:
+            names = ", ".join(t.name for t in rest[:4])
+            raise KronfactError(f"method='neurons' prunes MLP hidden neurons, but {names} belong to no MLP group "
+                                "(producers d→h and one consumer h→d in a block); select MLP layers only, or use "
+                                "method='kron'")
+        if calibration is None or (budget, ratio) == (None, None) or pinned:
+            raise KronfactError("method='neurons' needs calibration= batches and budget= or ratio=, and takes no "
+                                "shape_a/rank/max_rank/init/permute/error_weights or per-rule options")
+        return compress_neurons(model, groups, budget, ratio, _batches(calibration), compensate, progress)
     before = count_parameters(model)
     if ratio == 1 or (budget is not None and budget >= before):  # nothing to save: nothing changes
         return CompressionReport([], before, before, [layer.name for layer in layers], before)
@@ -328,12 +338,18 @@ def compress(model: nn.Module, rules: Rules = "mlp.*", budget: float | None = No
         target = int(budget) if budget is not None else before - selected + math.floor(ratio * selected)
         plan = _plan(layers, target, fixed, error_weights, progress)
 
+    def fit(i: int) -> PermutedFactors | None:
+        moment = None if moments is None else moments[layers[i].name]
+        return None if plan[i].dense else _factorize(layers[i], plan[i], moment, permute)
+
+    # Layers are fitted side by side on the CPU's threads, except random inits (the global generator's order).
+    parallel = all(layer.weight.device.type == "cpu" and layer.init != "random" for layer in layers)
     factors: list[PermutedFactors | None] = []
-    with progress_bar(progress, len(layers), "kronfact: factorizing", unit="layers") as advance:
-        for layer, option in zip(layers, plan, strict=True):
-            moment = None if moments is None else moments[layer.name]
+    with progress_bar(progress, len(layers), "kronfact: factorizing", unit="layers") as advance, \
+            closing(parallel_map(fit, range(len(layers)), parallel)) as fits:
+        for layer in layers:
             try:
-                factors.append(None if option.dense else _factorize(layer, option, moment, permute))
+                factors.append(next(fits))
             except ValueError as err:
                 raise KronfactError(f"{layer.name}: {err}") from None
             advance(1)
@@ -365,44 +381,3 @@ def _batches(calibration: Any) -> list[Any]:
     """``calibration=`` as a list of batches (one tensor or mapping is one batch); drawn only once the
     cheap checks have passed, since a generator may tokenize or load data."""
     return [calibration] if isinstance(calibration, (Tensor, Mapping)) else list(calibration)
-
-
-def _compress_neurons(model: nn.Module, groups: list[NeuronGroup], rest: list[Target], budget: float | None,
-                      ratio: float | None, calibration: Iterable[Any] | None, compensate: bool, progress: bool,
-                      pinned: bool) -> CompressionReport:
-    """method="neurons": every selected layer is in an MLP group; prune the groups to the budget."""
-    if rest:
-        raise KronfactError(f"method='neurons' prunes MLP hidden neurons, but {', '.join(t.name for t in rest[:4])} "
-                            "belong to no MLP group (producers d→h and one consumer h→d in a block); select MLP layers "
-                            "only, or use method='kron'")
-    if calibration is None or (budget, ratio) == (None, None) or pinned:
-        raise KronfactError("method='neurons' needs calibration= batches and budget= or ratio=, and takes no "
-                            "shape_a/rank/max_rank/init/permute/error_weights or per-rule options")
-    calibration = _batches(calibration)
-    tokens = check_token_batches(model, calibration)
-    before = count_parameters(model)
-    selected = sum(g.params for g in groups)
-    fixed = before - selected
-    target = int(budget) if budget is not None else fixed + math.floor(ratio * selected)
-    smallest = fixed + sum(g.params_at(min(g.hidden, MULTIPLE)) for g in groups)
-    if not smallest <= target:
-        raise KronfactError(f"budget {target:,} is out of reach for neuron pruning: the smallest model keeps "
-                            f"{smallest:,} parameters ({MULTIPLE} neurons per MLP), the original has {before:,}")
-    keep = uniform_keep(groups, target - fixed)
-    todo = [i for i, (g, k) in enumerate(zip(groups, keep, strict=True)) if k < g.hidden]
-    most = max((keep[i] for i in todo), default=0)
-    if tokens < most:
-        raise KronfactError(f"calibration holds {tokens:,} tokens, fewer than the {most:,} neurons kept in an MLP: the "
-                            "least-squares refit is underdetermined; give more (e.g. 32 windows of 256 tokens)")
-    done = prune_neurons(model, [groups[i] for i in todo], [keep[i] for i in todo], calibration,
-                            compensate=compensate, progress=progress) if todo else []
-    rows = []
-    for result in done:
-        for t in (*result.group.producers, result.group.consumer):
-            new = result.layers[t.name]
-            rows.append(LayerReport(t.name, tuple(linear_weight(t.module).shape), tuple(new.weight.shape), (1, 1), 1,
-                                    "neurons", sum(p.numel() for p in t.module.parameters()),
-                                    sum(p.numel() for p in new.parameters()), result.rel_error,
-                                    "conv1d" if is_conv1d(t.module) else "linear", t.aliases))
-    kept = [n for i, g in enumerate(groups) if i not in todo for n in g.names]
-    return CompressionReport(rows, before, count_parameters(model), kept, target)
