@@ -243,18 +243,26 @@ def _aliases(model: nn.Module, name: str) -> list[str]:
 
 
 def _check_tensors(model: nn.Module, layers: dict[str, nn.Module], shapes: dict[str, tuple[int, ...]],
-                   dtypes: dict[str, str], source: str) -> None:
-    """Raise unless the file's tensors are exactly those of ``model`` once ``layers`` are in place."""
-    expected = model.state_dict()
+                   dtypes: dict[str, str], source: str) -> dict[str, list[str]]:
+    """Raise unless the file's tensors are exactly those of ``model`` once ``layers`` are in place; return
+    the tied names: {name in the file: [the names sharing it, not in the file]}."""
+    expected = model.state_dict(keep_vars=True)  # the tensors themselves: tied ones are one object
     for name, layer in layers.items():
         for alias in _aliases(model, name):
             for key in model.get_submodule(alias).state_dict(prefix=f"{alias}."):
                 del expected[key]
-            expected.update(layer.state_dict(prefix=f"{alias}."))
-    if any(t.device.type == "meta" for t in expected.values()):
-        raise KronfactError("the skeleton holds meta tensors; materialize it first, e.g. model.to_empty(device='cpu')")
-    # Tied tensors: the file holds one name of each shared group (as save_model writes it).
-    tied = {a for group in _remove_duplicate_names(expected, preferred_names=list(shapes)).values() for a in group}
+            expected.update(layer.state_dict(prefix=f"{alias}.", keep_vars=True))
+    # Tied tensors: the file holds one name of each shared group (as save_model writes it). Meta tensors
+    # have no storage to compare: there, tied means the same tensor object.
+    if any(t.is_meta for t in expected.values()):
+        groups: dict[int, list[str]] = {}
+        for k, t in expected.items():
+            groups.setdefault(id(t), []).append(k)
+        ties = {min(g, key=lambda k: (k not in shapes, k)): g for g in groups.values() if len(g) > 1}
+        ties = {kept: [k for k in g if k != kept] for kept, g in ties.items()}
+    else:
+        ties = _remove_duplicate_names(expected, preferred_names=list(shapes))
+    tied = {a for group in ties.values() for a in group}
     problems = [f"shape mismatch at {k}: {shapes[k]} in the file, {tuple(expected[k].shape)} in the model"
                 for k in shapes if k in expected and shapes[k] != tuple(expected[k].shape)]
     problems += [f"{k} is {dtypes[k]} in the file but {expected[k].dtype} in the model" for k in shapes
@@ -266,6 +274,7 @@ def _check_tensors(model: nn.Module, layers: dict[str, nn.Module], shapes: dict[
     if problems:
         raise KronfactError(f"{source} does not fit this {type(model).__name__}: " + "; ".join(problems)
                             + ". Load into a skeleton of the same architecture and config")
+    return ties
 
 
 def load(path: str | os.PathLike, model: nn.Module, *, require_metadata: bool = True) -> nn.Module:
@@ -273,15 +282,17 @@ def load(path: str | os.PathLike, model: nn.Module, *, require_metadata: bool = 
 
     ``model`` is an uncompressed model of the saved architecture (e.g. built from its config). Each
     recorded module is replaced by a KronLinear (or, for pruned neurons, a smaller PrunedLinear) on the
-    device and in the dtype of the module it replaces. Any mismatch raises ValueError before the model
-    is touched: a tensor missing, unexpected, misshapen, or an integer where the model holds floats.
+    device and in the dtype of the module it replaces. A skeleton with tensors on the meta device (no
+    memory) takes the file's tensors as its own, in the skeleton's dtypes, and is re-tied. Any mismatch
+    raises ValueError before the model is touched: a tensor missing, unexpected, misshapen, or an
+    integer where the model holds floats.
     ``require_metadata=False`` also loads a plain safetensors file (no compressed module) as strictly.
     Returns ``model``.
     """
     path = Path(path)
     entries, shapes, dtypes = read_file_header(path, plain_ok=not require_metadata)
     layers = _empty_layers(model, entries, str(path))
-    _check_tensors(model, layers, shapes, dtypes, str(path))
+    ties = _check_tensors(model, layers, shapes, dtypes, str(path))
     try:
         state = load_file(path)
     except (SafetensorError, OSError) as e:
@@ -295,8 +306,26 @@ def load(path: str | os.PathLike, model: nn.Module, *, require_metadata: bool = 
                 raise KronfactError(f"{path}: compressed module {name!r}: bad permutation ({err})") from None
     for alias, layer in [(a, layer) for name, layer in layers.items() for a in _aliases(model, name)]:
         model.set_submodule(alias, layer)
-    model.load_state_dict(state, strict=False)  # complete: checked by _check_tensors
+    current = model.state_dict()
+    if not any(t.is_meta for t in current.values()):
+        model.load_state_dict(state, strict=False)  # complete: checked by _check_tensors
+        return model
+    # A skeleton without memory: the file's tensors become the model's (in its dtypes), then the ties.
+    state = {k: v.to(current[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    for kept, names in ties.items():
+        slots, attr = _slot(model, kept)
+        for name in names:
+            tied_slots, tied_attr = _slot(model, name)
+            tied_slots[tied_attr] = slots[attr]
     return model
+
+
+def _slot(model: nn.Module, name: str) -> tuple[dict[str, Any], str]:
+    """The dict holding the parameter or buffer ``name`` of ``model``, and its key there."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    return (owner._parameters if attr in owner._parameters else owner._buffers), attr
 
 
 # ------------------------------------------------------------------------------------------------- merge

@@ -103,10 +103,10 @@ class KronLinear(nn.Module):
                 or perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool):
             shape = tuple(perm.shape) if isinstance(perm, Tensor) else type(perm).__name__
             raise KronfactError(f"{what} must be an integer tensor of shape ({size},), got {shape}")
-        perm = perm.detach().to(device=self.a.device, dtype=torch.long)
+        perm = perm.detach().to(torch.long)
         if not torch.equal(torch.sort(perm).values, torch.arange(size, device=perm.device)):
             raise KronfactError(f"{what} is not a permutation of 0…{size - 1} (repeated or out-of-range indices)")
-        return perm.clone()
+        return perm.to(self.a.device, copy=True)
 
     def set_permutations(self, in_perm: Tensor | None = None, out_perm: Tensor | None = None) -> KronLinear:
         """Set (or, with None, remove) the gather indices ``in_perm`` (in_features,) and ``out_perm``
@@ -185,15 +185,23 @@ class KronLinear(nn.Module):
         return planner(tokens, self.rank, self.shape_a, self.shape_b, device_type=self.a.device.type,
                        elem_bytes=self.a.element_size(), cached_dense=cached_dense)
 
-    def _cached_dense(self) -> Tensor:
-        key = (self.a._version, self.b._version, self.a.data_ptr(), self.b.data_ptr(), self.a.dtype,
-               *((p._version, p.data_ptr()) if p is not None else None for p in (self.in_perm, self.out_perm)))
-        if self._dense_cache is None or self._dense_cache[0] != key:
-            self._dense_cache = (key, self.to_dense())
-        return self._dense_cache[1]
+    def _cached_dense(self, a: Tensor, b: Tensor, in_perm: Tensor | None, out_perm: Tensor | None) -> Tensor:
+        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), a.dtype,
+               None if in_perm is None else (in_perm._version, in_perm.data_ptr()),
+               None if out_perm is None else (out_perm._version, out_perm.data_ptr()))
+        cache = self._dense_cache
+        if cache is None or cache[0] != key:
+            cache = self._dense_cache = (key, permute_weight(kron_sum(a, b), in_perm, out_perm))
+        return cache[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b, bias = self.a, self.b, self.bias
+        if type(self) is KronLinear:  # plain tensors: read without nn.Module's attribute lookup (a decoded token's
+            # cost is mostly per call); a subclass, e.g. a parametrization's, keeps its properties
+            params, buffers = self._parameters, self._buffers
+            a, b, bias, in_perm, out_perm = (params["a"], params["b"], params.get("bias"), buffers["in_perm"],
+                                             buffers["out_perm"])
+        else:
+            a, b, bias, in_perm, out_perm = self.a, self.b, self.bias, self.in_perm, self.out_perm
         if x.shape[-1] != self.in_features:
             raise KronfactError(f"KronLinear expects inputs (..., {self.in_features}), got {tuple(x.shape)}")
         if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -201,20 +209,23 @@ class KronLinear(nn.Module):
                                 f"one to the other (e.g. layer.to({x.dtype})) or run under torch.autocast")
         grad = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad
                                             or (bias is not None and bias.requires_grad))
-        cacheable = not grad and not self.training and not torch.compiler.is_compiling()
+        compiling = torch.compiler.is_compiling()
+        cacheable = not (grad or self.training or compiling)
         path = self.path
-        if path == "auto" and torch.compiler.is_compiling():  # traced once per specialisation: no cache
+        if path == "auto" and compiling:  # traced once per specialisation: no cache
             path = self.choose_path(x.numel() // self.in_features)
         elif path == "auto":
             key = (x.numel() // self.in_features, x.dtype, x.device, cacheable)
             path = self._plans.get(key) or self._plans.setdefault(key, self.choose_path(key[0], cacheable))
         if path == "dense":
-            return F.linear(x, self._cached_dense() if cacheable else self.to_dense(), bias)
-        if self.in_perm is not None:
-            x = x.index_select(-1, self.in_perm)
-        if self.out_perm is None:
+            weight = self._cached_dense(a, b, in_perm, out_perm) if cacheable else \
+                permute_weight(kron_sum(a, b), in_perm, out_perm)
+            return F.linear(x, weight, bias)
+        if in_perm is not None:
+            x = x.index_select(-1, in_perm)
+        if out_perm is None:
             return kron_matmul(x, a, b, path, bias, grad)
-        y = kron_matmul(x, a, b, path, grad=grad).index_select(-1, self.out_perm)  # the bias is in output order
+        y = kron_matmul(x, a, b, path, grad=grad).index_select(-1, out_perm)  # the bias is in output order
         return y if bias is None else y + bias.to(y.dtype)
 
     def extra_repr(self) -> str:

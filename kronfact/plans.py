@@ -118,11 +118,15 @@ def plan(tokens: int, rank: int, shape_a: tuple[int, int], shape_b: tuple[int, i
 def _product(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """(m, k) @ (k, n), plus ``bias`` (p,) added to every p consecutive outputs (row-major) if given.
 
-    A broadcast product when k == 1 (BLAS is slow at rank-1 GEMMs), fused with the bias."""
+    A broadcast product when k == 1 (BLAS is slow at rank-1 GEMMs), fused with the bias — in eager mode
+    only: Inductor fuses a broadcast product with what follows (e.g. the MLP's activation) into a loop
+    over the product's inner dimension, scalar when that is small (a Krony-PT B of 2×1: 10× slower than
+    the GEMM it replaces), while a GEMM stays a library call and leaves the activation vectorized."""
+    broadcast = x.shape[1] == 1 and not torch.compiler.is_compiling()
     if bias is None:
-        return x * w if x.shape[1] == 1 else x @ w
+        return x * w if broadcast else x @ w
     m, n, p = x.shape[0], w.shape[1], bias.numel()
-    if x.shape[1] == 1:
+    if broadcast:
         return torch.addcmul(bias.view(1, p // n, n), x.view(-1, p // n, 1), w.view(1, 1, n)).view(m, n)
     if p == n:
         return torch.addmm(bias, x, w)
@@ -161,12 +165,48 @@ class _MatMul(torch.autograd.Function):
 def _grad_mm(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """:func:`_product` under autograd: through :class:`_MatMul` when a GEMM of the forward or the
     backward has a size-1 dimension, else plain autograd ops (no Python in the backward)."""
-    if 1 in (x.shape[0], x.shape[1], w.shape[1]):
+    if 1 in (x.shape[0], x.shape[1], w.shape[1]) and not torch.compiler.is_compiling():
         return _MatMul.apply(x, w, bias)
     if bias is None:
         return x @ w
     p = bias.numel()
     return torch.addmm(bias, x, w) if p == w.shape[1] else ((x @ w).view(-1, p) + bias).view(x.shape[0], w.shape[1])
+
+
+# Under torch.compile, a transposing copy of the layer's input or output with a side below this is kept
+# a library call (:func:`_transposed`): Inductor would fuse it with the neighbouring elementwise ops (the MLP's
+# activation) into a loop over that small side, scalar — 5–10× slower than the copy and the activation apart.
+_FUSED_TRANSPOSE_MIN_DIM = 16
+
+
+@torch.library.custom_op("kronfact::transposed", mutates_args=())
+def _transposed_copy(x: Tensor, rows: int, cols: int) -> Tensor:
+    """x viewed (-1, rows, cols), transposed to (-1, cols, rows), contiguous: a copy Inductor cannot fuse into."""
+    return x.reshape(-1, rows, cols).transpose(1, 2).contiguous()
+
+
+@_transposed_copy.register_fake
+def _(x: Tensor, rows: int, cols: int) -> Tensor:
+    return x.new_empty(x.numel() // (rows * cols), cols, rows)
+
+
+def _transposed_backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:
+    return _transposed_copy(g, ctx.cols, ctx.rows).reshape(ctx.shape), None, None
+
+
+def _transposed_context(ctx, inputs, output) -> None:
+    x, ctx.rows, ctx.cols = inputs
+    ctx.shape = x.shape
+
+
+_transposed_copy.register_autograd(_transposed_backward, setup_context=_transposed_context)
+
+
+def _transposed(x: Tensor, t: int, rows: int, cols: int) -> Tensor:
+    """x (t·rows·cols elements) as (t, cols, rows): the last two sides swapped (a copy when both exceed 1)."""
+    if torch.compiler.is_compiling() and 1 < min(rows, cols) < _FUSED_TRANSPOSE_MIN_DIM:
+        return _transposed_copy(x, rows, cols)
+    return x.reshape(t, rows, cols).transpose(1, 2)
 
 
 def _low_rank(x: Tensor, v: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:
@@ -201,9 +241,9 @@ def kron_matmul(x: Tensor, a: Tensor, b: Tensor, path: str, bias: Tensor | None 
         y = y.reshape(t, n1, r, m2).permute(0, 3, 2, 1).reshape(t * m2, r * n1)   # (t·m2, r·n1)
         fuse = m1 == 1 or m2 == 1  # the output needs no transpose: the bias goes into the GEMM
         y = mm(y, a.permute(0, 2, 1).reshape(r * n1, m1), bias if fuse else None)  # (t·m2, m1)
-        y = y.reshape(t, m2, m1).transpose(1, 2).reshape(*lead, m1 * m2)
+        y = _transposed(y, t, m2, m1).reshape(*lead, m1 * m2)
         return y if fuse or bias is None else y + bias
-    y = x.reshape(t, n1, n2).transpose(1, 2).reshape(t * n2, n1)
+    y = _transposed(x, t, n1, n2).reshape(t * n2, n1)
     y = mm(y, a.reshape(r * m1, n1).T)                                            # (t·n2, r·m1)
     y = y.reshape(t, n2, r, m1).permute(0, 3, 2, 1).reshape(t * m1, r * n2)       # (t·m1, r·n2)
     return mm(y, b.permute(0, 2, 1).reshape(r * n2, m2), bias).reshape(*lead, m1 * m2)

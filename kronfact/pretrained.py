@@ -13,6 +13,8 @@ import copy
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,30 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
             (tmp / KRONFACT_JSON).write_text(json.dumps(info, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Parameters registered inside live on the meta device (no memory, no initialisation); buffers stay
+    real, since models compute some in ``__init__`` without saving them (rotary frequencies, causal masks).
+
+    >>> with parameters_on_meta():
+    ...     layer = nn.Linear(4, 3)
+    >>> layer.weight.is_meta, layer.weight.shape
+    (True, torch.Size([3, 4]))
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def model_class(folder: Path) -> tuple[Any, type]:
@@ -188,12 +214,16 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         return model if device is None else model.to(device)
     if path.is_dir():
         verify_folder(path)  # kronfact.json against the weights' header, before the skeleton is built
-    model = cls._from_config(config, **kw)
+    with parameters_on_meta():  # the original's dense weights are never allocated
+        model = cls._from_config(config, **kw)
     if path.is_file():
         load(path, model, require_metadata=False)
     else:
         load(path / WEIGHTS_NAME, model)
     model.tie_weights()
+    if unloaded := [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]:
+        raise KronfactError(f"{path}: {cls.__name__} holds tensors the file does not supply and the config does not "
+                            f"derive: {listed(unloaded)}; save the model again with kronfact.save_pretrained")
     if (folder / "generation_config.json").is_file():
         model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
     model.eval()

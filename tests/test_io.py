@@ -262,12 +262,16 @@ def test_corrupt_truncated_or_missing_file(saved, tmp_path):
     expect_load_error(tmp_path / "absent.safetensors", TiedNet(), "does not exist")
 
 
-def test_meta_skeleton_is_refused(saved):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_meta_skeleton_takes_the_files_tensors_in_its_dtype_and_is_re_tied(saved, dtype):
     with torch.device("meta"):
-        skeleton = TiedNet()
-    with pytest.raises(ValueError, match="meta tensors"):
-        kronfact.io.load(saved, skeleton)
-    assert type(skeleton.up) is nn.Linear
+        skeleton = TiedNet(dtype=dtype)
+    assert kronfact.io.load(saved, skeleton) is skeleton
+    real = kronfact.io.load(saved, TiedNet(dtype=dtype))
+    assert not any(t.is_meta for t in [*skeleton.parameters(), *skeleton.buffers()])
+    assert skeleton.head.weight is skeleton.emb.weight
+    assert_same(snapshot(skeleton), snapshot(real))
+    assert torch.equal(skeleton(ids()), real(ids()))
 
 
 def test_failed_save_leaves_the_previous_file_and_no_temp(saved, monkeypatch):
