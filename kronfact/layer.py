@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .errors import KronfactError
 from .kron import KronFactors, check_shape_a, decompose, kron_sum, max_rank
-from .plans import PATHS, kron_matmul, plan
+from .plans import PATHS, kron_matmul, path_operands, plan
 
 # The layer type a KronLinear replaced, and merges back to: nn.Linear, or transformers' Conv1D
 # (weight stored (in, out)). The KronLinear itself always holds the nn.Linear orientation.
@@ -74,6 +74,7 @@ class KronLinear(nn.Module):
         self.register_buffer("in_perm", None)
         self.register_buffer("out_perm", None)
         self._dense_cache: tuple[tuple, Tensor] | None = None
+        self._operand_cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None  # eval mode, no autograd
         self._plans: dict[tuple, str] = {}  # (tokens, input dtype, device, dense cache usable) → path, for "auto"
         self.reset_parameters()
 
@@ -94,7 +95,7 @@ class KronLinear(nn.Module):
             self.b.normal_(0, scale)
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
-        self._dense_cache = None
+        self._dense_cache = self._operand_cache = None
 
     def _check_perm(self, perm: Tensor | None, size: int, what: str) -> Tensor | None:
         if perm is None:
@@ -115,7 +116,7 @@ class KronLinear(nn.Module):
         in_perm = self._check_perm(in_perm, self.in_features, "in_perm")
         out_perm = self._check_perm(out_perm, self.out_features, "out_perm")
         self.in_perm, self.out_perm = in_perm, out_perm
-        self._dense_cache = None
+        self._dense_cache = self._operand_cache = None
         return self
 
     @classmethod
@@ -194,6 +195,14 @@ class KronLinear(nn.Module):
             cache = self._dense_cache = (key, permute_weight(kron_sum(a, b), in_perm, out_perm))
         return cache[1]
 
+    def _cached_operands(self, a: Tensor, b: Tensor, path: str) -> tuple[Tensor, Tensor]:
+        """The GEMM operands of ``path`` (:func:`kronfact.plans.path_operands`), laid out once per factor values."""
+        key = (path, a._version, b._version, a.data_ptr(), b.data_ptr(), a.dtype)
+        cache = self._operand_cache
+        if cache is None or cache[0] != key:
+            cache = self._operand_cache = (key, path_operands(a, b, path))
+        return cache[1]
+
     def forward(self, x: Tensor) -> Tensor:
         if type(self) is KronLinear:  # plain tensors: read without nn.Module's attribute lookup (a decoded token's
             # cost is mostly per call); a subclass, e.g. a parametrization's, keeps its properties
@@ -221,11 +230,12 @@ class KronLinear(nn.Module):
             weight = self._cached_dense(a, b, in_perm, out_perm) if cacheable else \
                 permute_weight(kron_sum(a, b), in_perm, out_perm)
             return F.linear(x, weight, bias)
+        operands = self._cached_operands(a, b, path) if cacheable else None
         if in_perm is not None:
             x = x.index_select(-1, in_perm)
         if out_perm is None:
-            return kron_matmul(x, a, b, path, bias, grad)
-        y = kron_matmul(x, a, b, path, grad=grad).index_select(-1, out_perm)  # the bias is in output order
+            return kron_matmul(x, a, b, path, bias, grad, operands)
+        y = kron_matmul(x, a, b, path, grad=grad, operands=operands).index_select(-1, out_perm)  # bias: output order
         return y if bias is None else y + bias.to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -37,7 +37,8 @@ PATHS: tuple[str, ...] = ("dense", "b_first", "a_first")
 # blocks above 32 MB with mmap, and first-touch page faults cost ~6× the write itself (measured here;
 # a caching malloc such as jemalloc or MALLOC_MMAP_THRESHOLD_ removes it); CUDA's caching allocator has none.
 MACHINE = {"cpu": (8.0, 6.0, 4e6), "cuda": (50.0, 0.0, 1e8)}
-# GEMMs with an inner or outer dimension below this run below peak: charged proportionally.
+# GEMMs whose inner dimension or output width is below this run below peak: charged proportionally.
+# Few rows (a decoded token) are not: such a GEMM streams its weight once and is memory-bound.
 _GEMM_FULL_SPEED_DIM = 32
 
 
@@ -62,7 +63,7 @@ class Op:
         if not self.k:  # layout copy: read + write
             return 2 * self.m * elem_bytes * balance
         traffic = (self.m * self.k + self.k * self.n + self.m * self.n) * elem_bytes
-        speed = min(1.0, max(1, min(self.m, self.k, self.n)) / _GEMM_FULL_SPEED_DIM)
+        speed = min(1.0, max(1, min(self.k, self.n)) / _GEMM_FULL_SPEED_DIM)
         return max(self.flops / speed, traffic * balance)
 
 
@@ -204,9 +205,18 @@ _transposed_copy.register_autograd(_transposed_backward, setup_context=_transpos
 
 def _transposed(x: Tensor, t: int, rows: int, cols: int) -> Tensor:
     """x (t·rows·cols elements) as (t, cols, rows): the last two sides swapped (a copy when both exceed 1)."""
-    if torch.compiler.is_compiling() and 1 < min(rows, cols) < _FUSED_TRANSPOSE_MIN_DIM:
+    if min(rows, cols) == 1:
+        return x.reshape(t, cols, rows)
+    if torch.compiler.is_compiling() and min(rows, cols) < _FUSED_TRANSPOSE_MIN_DIM:
         return _transposed_copy(x, rows, cols)
     return x.reshape(t, rows, cols).transpose(1, 2)
+
+
+def _reversed(y: Tensor, t: int, p: int, r: int, q: int) -> Tensor:
+    """y (t, p, r, q) with its last three sides reversed, as (t·q, r·p): a copy unless at most one exceeds 1."""
+    if (p > 1) + (r > 1) + (q > 1) <= 1:
+        return y.reshape(t * q, r * p)
+    return y.reshape(t, p, r, q).permute(0, 3, 2, 1).reshape(t * q, r * p)
 
 
 def _low_rank(x: Tensor, v: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:
@@ -214,13 +224,16 @@ def _low_rank(x: Tensor, v: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(F.linear(x, v), u.T, bias)
 
 
-def kron_matmul(x: Tensor, a: Tensor, b: Tensor, path: str, bias: Tensor | None = None, grad: bool = True) -> Tensor:
+def kron_matmul(x: Tensor, a: Tensor, b: Tensor, path: str, bias: Tensor | None = None, grad: bool = True,
+                operands: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """x (..., n1·n2) → x·(Σ_i A_i ⊗ B_i)ᵀ + bias of shape (..., m1·m2), by ``path``; a (r, m1, n1),
     b (r, m2, n2), bias (m1·m2,) or None. ``grad=False`` (nothing needs a gradient) skips the custom
-    autograd function."""
+    autograd function; ``operands``: :func:`path_operands` of a, b and ``path``, kept by the caller
+    (ignored under autocast, which casts a and b)."""
     r, m1, n1 = a.shape
     _, m2, n2 = b.shape
-    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:  # as autocast's GEMMs would cast,
+    autocast = torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64
+    if autocast:  # as autocast's GEMMs would cast,
         # so that the backward sees one dtype (autocast leaves float64 alone)
         dtype = torch.get_autocast_dtype(x.device.type)
         x, a, b = x.to(dtype), a.to(dtype), b.to(dtype)
@@ -236,14 +249,26 @@ def kron_matmul(x: Tensor, a: Tensor, b: Tensor, path: str, bias: Tensor | None 
     lead = x.shape[:-1]
     t = x.numel() // (n1 * n2) if n1 * n2 else 0
     mm = _grad_mm if grad else _product
+    w1, w2 = operands if operands is not None and not autocast else path_operands(a, b, path)
     if path == "b_first":
-        y = mm(x.reshape(t * n1, n2), b.reshape(r * m2, n2).T)                    # (t·n1, r·m2)
-        y = y.reshape(t, n1, r, m2).permute(0, 3, 2, 1).reshape(t * m2, r * n1)   # (t·m2, r·n1)
+        y = mm(x.reshape(t * n1, n2), w1)                                         # (t·n1, r·m2)
+        y = _reversed(y, t, n1, r, m2)                                            # (t·m2, r·n1)
         fuse = m1 == 1 or m2 == 1  # the output needs no transpose: the bias goes into the GEMM
-        y = mm(y, a.permute(0, 2, 1).reshape(r * n1, m1), bias if fuse else None)  # (t·m2, m1)
+        y = mm(y, w2, bias if fuse else None)                                     # (t·m2, m1)
         y = _transposed(y, t, m2, m1).reshape(*lead, m1 * m2)
         return y if fuse or bias is None else y + bias
     y = _transposed(x, t, n1, n2).reshape(t * n2, n1)
-    y = mm(y, a.reshape(r * m1, n1).T)                                            # (t·n2, r·m1)
-    y = y.reshape(t, n2, r, m1).permute(0, 3, 2, 1).reshape(t * m1, r * n2)       # (t·m1, r·n2)
-    return mm(y, b.permute(0, 2, 1).reshape(r * n2, m2), bias).reshape(*lead, m1 * m2)
+    y = mm(y, w1)                                                                 # (t·n2, r·m1)
+    y = _reversed(y, t, n2, r, m1)                                                # (t·m1, r·n2)
+    return mm(y, w2, bias).reshape(*lead, m1 * m2)
+
+
+def path_operands(a: Tensor, b: Tensor, path: str) -> tuple[Tensor, Tensor]:
+    """The weight matrices of the two GEMMs of ``path`` ("b_first" or "a_first") for a (r, m1, n1), b (r, m2,
+    n2): b_first (n2, r·m2) and (r·n1, m1), a_first (n1, r·m1) and (r·n2, m2). The first is a view, the
+    second a copy when both its sides exceed 1 — what an inference caller keeps between calls."""
+    r, m1, n1 = a.shape
+    _, m2, n2 = b.shape
+    if path == "b_first":
+        return b.reshape(r * m2, n2).T, a.permute(0, 2, 1).reshape(r * n1, m1)
+    return a.reshape(r * m1, n1).T, b.permute(0, 2, 1).reshape(r * n2, m2)
