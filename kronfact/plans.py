@@ -111,9 +111,15 @@ def path_cost(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape
 @functools.lru_cache(maxsize=4096)
 def plan(tokens: int, rank: int, shape_a: tuple[int, int], shape_b: tuple[int, int], *,
          device_type: str = "cpu", elem_bytes: int = 4, cached_dense: bool = False) -> str:
-    """The cheapest of ``PATHS`` under :func:`path_cost` (dense wins ties); cached per arguments."""
-    return min(PATHS, key=lambda p: path_cost(p, tokens, rank, shape_a, shape_b, device_type=device_type,
-                                                elem_bytes=elem_bytes, cached_dense=cached_dense))
+    """The cheapest of ``PATHS`` under :func:`path_cost` (dense wins ties); cached per arguments. Plain
+    comparisons, no ``min(key=)``: torch.compile traces it with a symbolic ``tokens`` (dynamic shapes)."""
+    best, best_cost = PATHS[0], None
+    for path in PATHS:
+        cost = path_cost(path, tokens, rank, shape_a, shape_b, device_type=device_type, elem_bytes=elem_bytes,
+                         cached_dense=cached_dense)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = path, cost
+    return best
 
 
 def _product(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:

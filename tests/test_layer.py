@@ -175,6 +175,17 @@ def test_compiles_without_graph_breaks_and_trains(dtype):
         torch.testing.assert_close(p.grad, ref, rtol=tol * 10, atol=tol * 10 * float(ref.abs().max()))
 
 
+@pytest.mark.slow
+def test_compiles_without_graph_breaks_when_the_token_count_changes():
+    """Dynamic shapes: the planner runs on a symbolic token count inside the graph (fullgraph)."""
+    torch._dynamo.reset()
+    model = nn.Sequential(KronLinear(64, 128, (8, 8), 3), nn.GELU(), KronLinear(128, 64, (1, 128), 4))
+    compiled = torch.compile(model, fullgraph=True)
+    for t in (16, 24, 40):  # the second size recompiles with a symbolic size
+        x = torch.randn(2, t, 64)
+        torch.testing.assert_close(compiled(x), model(x), rtol=TOL[torch.float32], atol=TOL[torch.float32] * 10)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
