@@ -257,7 +257,10 @@ def top_singular(r_mat: Tensor, rank: int, method: str = "auto",
     p, q = r_mat.shape
     gram = r_mat.dtype != torch.float64 or min(p, q) <= _GRAM_MAX_DIM
     if method == "auto":
-        small = p * q * min(p, q) <= (_GRAM_COST if gram else _EXACT_SVD_COST) or 4 * rank >= min(p, q)
+        cost = p * q * min(p, q)
+        small = cost <= (_GRAM_COST if gram else _EXACT_SVD_COST) or 4 * rank >= min(p, q)
+        if gram and cost > _EXACT_SVD_COST and 32 * (rank + 8) <= min(p, q):
+            small = False  # a few terms of a large matrix: subspace iteration beats a full eigendecomposition
         method = "exact" if small else "randomized"
     if method == "exact" and gram:
         # Eigendecomposition of the float64 Gram matrix: exact to float64 rounding (far below the
