@@ -186,10 +186,13 @@ class KronLinear(nn.Module):
         return planner(tokens, self.rank, self.shape_a, self.shape_b, device_type=self.a.device.type,
                        elem_bytes=self.a.element_size(), cached_dense=cached_dense)
 
+    @staticmethod
+    def _values_key(*tensors: Tensor | None) -> tuple:
+        """Changes whenever one of ``tensors`` is modified in place, replaced, or cast: a cache's validity."""
+        return tuple(None if t is None else (t._version, t.data_ptr(), t.dtype) for t in tensors)
+
     def _cached_dense(self, a: Tensor, b: Tensor, in_perm: Tensor | None, out_perm: Tensor | None) -> Tensor:
-        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), a.dtype,
-               None if in_perm is None else (in_perm._version, in_perm.data_ptr()),
-               None if out_perm is None else (out_perm._version, out_perm.data_ptr()))
+        key = self._values_key(a, b, in_perm, out_perm)
         cache = self._dense_cache
         if cache is None or cache[0] != key:
             cache = self._dense_cache = (key, permute_weight(kron_sum(a, b), in_perm, out_perm))
@@ -197,7 +200,7 @@ class KronLinear(nn.Module):
 
     def _cached_operands(self, a: Tensor, b: Tensor, path: str) -> tuple[Tensor, Tensor]:
         """The GEMM operands of ``path`` (:func:`kronfact.plans.path_operands`), laid out once per factor values."""
-        key = (path, a._version, b._version, a.data_ptr(), b.data_ptr(), a.dtype)
+        key = (path, *self._values_key(a, b))
         cache = self._operand_cache
         if cache is None or cache[0] != key:
             cache = self._operand_cache = (key, path_operands(a, b, path))
