@@ -89,7 +89,7 @@ def make_fns(out_f, in_f, shape_a, rank, train):
            "materialise": lambda: run(lambda t: materialise_forward(t, k.a, k.b, k.bias), k.parameters())}
     for p, layer in layers.items():
         fns[p] = (lambda layer=layer: run(layer, layer.parameters()))
-    return fns, layers["auto"].choose_path(TOKENS, cached_dense=not train)
+    return fns, layers["auto"].choose_path(TOKENS, cached=not train)
 
 
 def time_round_robin(fns, reps):
@@ -106,7 +106,7 @@ def time_round_robin(fns, reps):
 
 def flops(path, out_f, in_f, shape_a, rank):
     shape_b = (out_f // shape_a[0], in_f // shape_a[1])
-    return sum(op.flops for op in path_ops(path, TOKENS, rank, shape_a, shape_b, cached_dense=True))
+    return sum(op.flops for op in path_ops(path, TOKENS, rank, shape_a, shape_b, cached=True))
 
 
 def bench_layers(reps):

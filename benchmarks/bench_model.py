@@ -19,7 +19,12 @@ Per variant: prefill tokens/s (a forward of B×T tokens, logits of the last posi
 1 and 8), training-step tokens/s (forward, backward and an AdamW step, causal-LM loss), eager and
 ``torch.compile``; bytes on disk (``kronfact.save_pretrained``) and peak RSS of a fresh process that
 loads the saved folder and runs one prefill and one batch-1 decode. All variants of one model are timed
-round-robin, median of ``--reps``; ratios are variant tokens/s over the original's in the same run.
+round-robin, median of ``--reps``; a ratio is the median over rounds of the variant's tokens/s over the
+original's in the same round. The original is timed as a deep copy, as every variant is one (a model
+fresh from ``from_pretrained`` keeps its weights in a mapping of the file). Compiled decode is
+``generate`` with a static KV cache and the forward compiled by transformers (``CompileConfig``, as it
+does on GPUs). ``--control`` adds a second copy of the original, timed like a variant: its ratios show
+the measurement's noise.
 """
 
 from __future__ import annotations
@@ -106,6 +111,12 @@ def _ids(batch: int, length: int, vocab: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def _compile_config() -> transformers.CompileConfig:
+    config = transformers.CompileConfig(fullgraph=False)
+    config._compile_all_devices = True  # generate() compiles on CPU too (it would only on accelerators)
+    return config
+
+
 def measurements(model, compiled: bool, args, vocab: int) -> dict:
     """name → (tokens per call, a function running one call)."""
     (pb, pt), (tb, tt) = args.prefill, args.train
@@ -118,11 +129,14 @@ def measurements(model, compiled: bool, args, vocab: int) -> dict:
         with torch.no_grad():
             fwd(prefill_ids, logits_to_keep=1)
 
+    # compiled decode as transformers does it on a GPU: a static KV cache and the forward compiled by generate()
+    static = {"cache_implementation": "static", "compile_config": _compile_config()} if compiled else {}
+
     def decode(batch):
         ids = _ids(batch, PROMPT, vocab, seed=3)
         with torch.no_grad():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                           min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+                           min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, **static)
 
     def train_step():
         model.train()
@@ -166,7 +180,9 @@ def disk_and_rss(model, args) -> tuple[int, int]:
 
 
 def time_round_robin(variants: dict, mode: str, args, vocab: int) -> dict:
-    """{variant: {metric: tokens/s}} — every metric timed round-robin over the variants."""
+    """{variant: {metric: (tokens/s, ratio)}} — every metric timed round-robin over the variants: tokens/s is the
+    median over rounds, the ratio the median of each round's tokens/s over the original's in that round (which
+    cancels the machine's drift between rounds)."""
     fns = {name: measurements(m, mode == "compiled", args, vocab) for name, m in variants.items()}
     results = {name: {} for name in variants}
     for metric in next(iter(fns.values())):
@@ -179,9 +195,12 @@ def time_round_robin(variants: dict, mode: str, args, vocab: int) -> dict:
                 start = time.perf_counter()
                 fn()
                 samples[name].append(tokens / (time.perf_counter() - start))
+        base = samples["original"]
         for name in variants:
-            results[name][metric] = statistics.median(samples[name])
-        print(f"  {mode} {metric}: " + ", ".join(f"{n} {results[n][metric]:.0f}" for n in variants), flush=True)
+            ratio = statistics.median(v / b for v, b in zip(samples[name], base, strict=True))
+            results[name][metric] = (statistics.median(samples[name]), ratio)
+        print(f"  {mode} {metric}: " + ", ".join(f"{n} {results[n][metric][0]:.0f} ({results[n][metric][1]:.2f})"
+                                                 for n in variants), flush=True)
     return results
 
 
@@ -200,7 +219,9 @@ def main() -> None:
     parser.add_argument("--train", type=_pair, default=(8, 256), help="B×T of a training step")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--modes", default="eager,compiled")
-    parser.add_argument("--compile-decode", action="store_true", help="also time generate() of the compiled model")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="also time generate() with a static cache and the forward compiled")
+    parser.add_argument("--control", action="store_true", help="time a copy of the original as a variant (noise)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-write", action="store_true")
@@ -211,12 +232,16 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = torch._dynamo.config.accumulated_cache_size_limit = 256
     if args.rss_child:
         return rss_child(args.rss_child, args)
-    original = load(args.model, args.smollm2)
+    # timed as a deep copy, like every variant: from_pretrained leaves the weights in a private mapping of the
+    # safetensors file, which ran up to 1.3× slower here (SmolLM2's training step) than the same weights copied
+    original = copy.deepcopy(load(args.model, args.smollm2))
     vocab, context = original.config.vocab_size, getattr(original.config, "n_positions", None) or \
         original.config.max_position_embeddings
     args.prefill = (args.prefill[0], min(args.prefill[1], context))
     args.train = (args.train[0], min(args.train[1], context))
     variants = {"original": original}
+    if args.control:
+        variants["original, again"] = copy.deepcopy(original)
     for ratio in map(float, args.ratios.split(",")):
         for structure in args.structures.split(","):
             start = time.perf_counter()
@@ -225,8 +250,8 @@ def main() -> None:
     info = {}
     for name, model in variants.items():
         kron = [m for m in model.modules() if isinstance(m, kronfact.KronLinear)]
-        paths = sorted({m.choose_path(1, cached_dense=True) + "/" + m.choose_path(args.prefill[0] * args.prefill[1],
-                                                                                   cached_dense=True) for m in kron})
+        paths = sorted({m.choose_path(1, cached=True) + "/" + m.choose_path(args.prefill[0] * args.prefill[1],
+                                                                                   cached=True) for m in kron})
         disk, rss = disk_and_rss(model, args)
         info[name] = {"params": count_parameters(model), "disk": disk, "rss": rss, "paths": ", ".join(paths) or "—"}
         print(f"{name}: {info[name]}", flush=True)
@@ -251,8 +276,8 @@ def report(args, info, results, load_before, load_after) -> str:
                meta["paths"]]
         for res in results.values():
             for m in res["original"]:
-                v, base = res[name][m], res["original"][m]
-                row.append(f"{v:,.0f}" if name == "original" else f"{v:,.0f} (**{v / base:.2f}**)")
+                v, ratio = res[name][m]
+                row.append(f"{v:,.0f}" if name == "original" else f"{v:,.0f} (**{ratio:.2f}**)")
         lines.append("| " + " | ".join(row) + " |")
     (pb, pt), (tb, tt) = args.prefill, args.train
     return (f"## Whole models: {args.model}, original vs compressed\n\n"
@@ -260,8 +285,11 @@ def report(args, info, results, load_before, load_after) -> str:
             f"{load_after[0]:.1f} after the timing"
             + (f" (above this benchmark's own {args.threads}: other jobs shared the cores, so absolute figures are "
                "low and noisy)" if max(load_before[0], load_after[0]) > args.threads + 0.5 else "")
-            + f"; ratios come from the same round-robin run. Prefill {pb}×{pt} tokens (last-position logits), "
-            f"decode {args.new_tokens} new tokens after a {PROMPT}-token prompt (generate, KV cache, greedy), "
+            + "; ratios: the median over rounds of each round's ratio to the original, timed as a deep copy like "
+            "every variant (\"original, again\", if present, is a second copy: the measurement's noise). "
+            f"Prefill {pb}×{pt} tokens (last-position logits), "
+            f"decode {args.new_tokens} new tokens after a {PROMPT}-token prompt (generate, KV cache, greedy; "
+            "compiled: a static cache and generate()'s own compiled forward), "
             f"training step {tb}×{tt} tokens (AdamW); "
             f"median of {args.reps} round-robin repetitions after a warm-up call; metrics: {', '.join(metrics)}. "
             "Peak RSS: a fresh process loading the saved folder and running one prefill and an 8-token decode.\n\n"

@@ -73,15 +73,29 @@ def _moves(shape: Sequence[int], order: Sequence[int]) -> bool:
     return kept != sorted(kept)
 
 
+def weight_copy(path: str, rank: int, shape_a: tuple[int, int], shape_b: tuple[int, int]) -> int:
+    """Elements a call of ``path`` copies from the factors when nothing is cached: the second GEMM operand of a
+    Kronecker path when it is not a view of its factor (:func:`path_operands`), the built weight for "dense"."""
+    (m1, n1), (m2, n2), r = shape_a, shape_b, rank
+    if path == "dense":
+        return m1 * m2 * n1 * n2
+    if path == "b_first":  # (r, m1, n1) as (r·n1, m1): a view when a side is 1
+        return r * m1 * n1 if min(r, m1, n1) > 1 else 0
+    return r * m2 * n2 if min(r, m2, n2) > 1 else 0
+
+
 def path_ops(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape_b: tuple[int, int],
-             cached_dense: bool = False) -> list[Op]:
-    """The GEMMs and copies of ``path`` for ``tokens`` input rows (mirrors :func:`kron_matmul`)."""
+             cached: bool = False) -> list[Op]:
+    """The GEMMs and copies of ``path`` for ``tokens`` input rows (mirrors :func:`kron_matmul`); ``cached``: the
+    layer keeps its weights laid out between calls (eval mode, no autograd), else a call builds or copies them."""
     (m1, n1), (m2, n2), r, t = shape_a, shape_b, rank, tokens
     if path == "dense":
-        build = [] if cached_dense else [Op(m1 * n1, r, m2 * n2), Op(m1 * m2 * n1 * n2)]
+        build = [] if cached else [Op(m1 * n1, r, m2 * n2), Op(weight_copy(path, r, shape_a, shape_b))]
         return build + [Op(t, n1 * n2, m1 * m2)]
+    copy = 0 if cached else weight_copy(path, r, shape_a, shape_b)
     if path == "b_first":
-        ops = [Op(t * n1, n2, r * m2)]
+        ops = [Op(copy)] if copy else []
+        ops.append(Op(t * n1, n2, r * m2))
         if _moves((t, n1, r, m2), (0, 3, 2, 1)):
             ops.append(Op(t * n1 * r * m2))
         ops.append(Op(t * m2, r * n1, m1))
@@ -89,7 +103,9 @@ def path_ops(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape_
             ops.append(Op(t * m1 * m2))
         return ops
     if path == "a_first":
-        ops = [Op(t * n1 * n2)] if _moves((t, n1, n2), (0, 2, 1)) else []
+        ops = [Op(copy)] if copy else []
+        if _moves((t, n1, n2), (0, 2, 1)):
+            ops.append(Op(t * n1 * n2))
         ops.append(Op(t * n2, n1, r * m1))
         if _moves((t, n2, r, m1), (0, 3, 2, 1)):
             ops.append(Op(t * n2 * r * m1))
@@ -99,24 +115,24 @@ def path_ops(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape_
 
 
 def path_cost(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape_b: tuple[int, int],
-              *, device_type: str = "cpu", elem_bytes: int = 4, cached_dense: bool = False) -> float:
+              *, device_type: str = "cpu", elem_bytes: int = 4, cached: bool = False) -> float:
     """Estimated time of ``path`` in FLOP units: its ops' roofline costs and fixed costs plus, for every
     intermediate it allocates (all op outputs but the last), the device's allocation penalty."""
     balance, alloc, per_op = MACHINE.get(device_type, MACHINE["cuda"])
-    ops = path_ops(path, tokens, rank, shape_a, shape_b, cached_dense)
+    ops = path_ops(path, tokens, rank, shape_a, shape_b, cached)
     fresh = sum(op.out_elems for op in ops[:-1]) * elem_bytes
     return sum(op.cost(balance, elem_bytes) + per_op for op in ops) + alloc * fresh * balance
 
 
 @functools.lru_cache(maxsize=4096)
 def plan(tokens: int, rank: int, shape_a: tuple[int, int], shape_b: tuple[int, int], *,
-         device_type: str = "cpu", elem_bytes: int = 4, cached_dense: bool = False) -> str:
+         device_type: str = "cpu", elem_bytes: int = 4, cached: bool = False) -> str:
     """The cheapest of ``PATHS`` under :func:`path_cost` (dense wins ties); cached per arguments. Plain
     comparisons, no ``min(key=)``: torch.compile traces it with a symbolic ``tokens`` (dynamic shapes)."""
     best, best_cost = PATHS[0], None
     for path in PATHS:
         cost = path_cost(path, tokens, rank, shape_a, shape_b, device_type=device_type, elem_bytes=elem_bytes,
-                         cached_dense=cached_dense)
+                         cached=cached)
         if best_cost is None or cost < best_cost:
             best, best_cost = path, cost
     return best
@@ -131,13 +147,13 @@ def _product(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     the GEMM it replaces), while a GEMM stays a library call and leaves the activation vectorized."""
     broadcast = x.shape[1] == 1 and not torch.compiler.is_compiling()
     if bias is None:
-        return x * w if broadcast else x @ w
+        return x * w if broadcast else torch.mm(x, w)
     m, n, p = x.shape[0], w.shape[1], bias.numel()
-    if broadcast:
-        return torch.addcmul(bias.view(1, p // n, n), x.view(-1, p // n, 1), w.view(1, 1, n)).view(m, n)
     if p == n:
-        return torch.addmm(bias, x, w)
-    out = x @ w
+        return torch.addcmul(bias, x, w) if broadcast else torch.addmm(bias, x, w)
+    if broadcast:  # (m/(p/n), p/n, 1)·(1, n) + (p/n, n): broadcasting does the rest
+        return torch.addcmul(bias.view(p // n, n), x.view(-1, p // n, 1), w).view(m, n)
+    out = torch.mm(x, w)
     out.view(-1, p).add_(bias)
     return out
 
@@ -186,14 +202,18 @@ def _grad_mm(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
 _FUSED_TRANSPOSE_MIN_DIM = 16
 
 
-@torch.library.custom_op("kronfact::transposed", mutates_args=())
-def _transposed_copy(x: Tensor, rows: int, cols: int) -> Tensor:
+# kronfact's operators (kronfact::transposed here, kronfact::cached_call in layer.py), defined directly:
+# torch.library.custom_op's wrapping costs ~15 µs a call, a decoded token's budget; this, ~3 µs.
+LIBRARY = torch.library.Library("kronfact", "FRAGMENT")
+LIBRARY.define("transposed(Tensor x, int rows, int cols) -> Tensor")
+
+
+def _transposed_impl(x: Tensor, rows: int, cols: int) -> Tensor:
     """x viewed (-1, rows, cols), transposed to (-1, cols, rows), contiguous: a copy Inductor cannot fuse into."""
     return x.reshape(-1, rows, cols).transpose(1, 2).contiguous()
 
 
-@_transposed_copy.register_fake
-def _(x: Tensor, rows: int, cols: int) -> Tensor:
+def _transposed_fake(x: Tensor, rows: int, cols: int) -> Tensor:
     return x.new_empty(x.numel() // (rows * cols), cols, rows)
 
 
@@ -206,16 +226,21 @@ def _transposed_context(ctx, inputs, output) -> None:
     ctx.shape = x.shape
 
 
-_transposed_copy.register_autograd(_transposed_backward, setup_context=_transposed_context)
+LIBRARY.impl("transposed", _transposed_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("kronfact::transposed", _transposed_fake, lib=LIBRARY)
+torch.library.register_autograd("kronfact::transposed", _transposed_backward, setup_context=_transposed_context,
+                                lib=LIBRARY)
+_transposed_copy = torch.ops.kronfact.transposed.default
 
 
-def _transposed(x: Tensor, t: int, rows: int, cols: int) -> Tensor:
-    """x (t·rows·cols elements) as (t, cols, rows): the last two sides swapped (a copy when both exceed 1)."""
+def _transposed(x: Tensor, t: int, rows: int, cols: int, shape: Sequence[int]) -> Tensor:
+    """x (t blocks of rows·cols elements) with every block transposed to (cols, rows), reshaped to ``shape``:
+    a copy when both sides exceed 1."""
     if min(rows, cols) == 1:
-        return x.reshape(t, cols, rows)
+        return x.reshape(shape)
     if torch.compiler.is_compiling() and min(rows, cols) < _FUSED_TRANSPOSE_MIN_DIM:
-        return _transposed_copy(x, rows, cols)
-    return x.reshape(t, rows, cols).transpose(1, 2)
+        return _transposed_copy(x, rows, cols).reshape(shape)
+    return x.reshape(t, rows, cols).transpose(1, 2).reshape(shape)
 
 
 def _reversed(y: Tensor, t: int, p: int, r: int, q: int) -> Tensor:
@@ -261,9 +286,9 @@ def kron_matmul(x: Tensor, a: Tensor, b: Tensor, path: str, bias: Tensor | None 
         y = _reversed(y, t, n1, r, m2)                                            # (t·m2, r·n1)
         fuse = m1 == 1 or m2 == 1  # the output needs no transpose: the bias goes into the GEMM
         y = mm(y, w2, bias if fuse else None)                                     # (t·m2, m1)
-        y = _transposed(y, t, m2, m1).reshape(*lead, m1 * m2)
+        y = _transposed(y, t, m2, m1, (*lead, m1 * m2))
         return y if fuse or bias is None else y + bias
-    y = _transposed(x, t, n1, n2).reshape(t * n2, n1)
+    y = _transposed(x, t, n1, n2, (t * n2, n1))
     y = mm(y, w1)                                                                 # (t·n2, r·m1)
     y = _reversed(y, t, n2, r, m1)                                                # (t·m1, r·n2)
     return mm(y, w2, bias).reshape(*lead, m1 * m2)

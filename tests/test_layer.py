@@ -8,7 +8,7 @@ from torch import nn
 
 import kronfact
 from kronfact.layer import KronLinear
-from kronfact.plans import PATHS, path_ops, plan
+from kronfact.plans import PATHS, path_operands, path_ops, plan, weight_copy
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
@@ -76,7 +76,7 @@ def test_every_parameter_receives_a_gradient_on_every_path():
 @settings(max_examples=100, deadline=None)
 def test_cost_model_counts_the_documented_flops(m1, n1, m2, n2, r, t):
     def gemm_flops(path):
-        return sum(op.flops for op in path_ops(path, t, r, (m1, n1), (m2, n2), cached_dense=True))
+        return sum(op.flops for op in path_ops(path, t, r, (m1, n1), (m2, n2), cached=True))
 
     assert gemm_flops("b_first") == t * r * 2 * m2 * n1 * (n2 + m1)
     assert gemm_flops("a_first") == t * r * 2 * m1 * n2 * (n1 + m2)
@@ -84,12 +84,26 @@ def test_cost_model_counts_the_documented_flops(m1, n1, m2, n2, r, t):
     assert plan(t, r, (m1, n1), (m2, n2)) in PATHS
 
 
+@given(r=st.integers(1, 3), m1=st.integers(1, 3), n1=st.integers(1, 3), m2=st.integers(1, 3), n2=st.integers(1, 3))
+@settings(max_examples=60, deadline=None)
+def test_weight_copy_counts_exactly_the_operands_that_are_not_views(r, m1, n1, m2, n2):
+    a, b = torch.randn(r, m1, n1), torch.randn(r, m2, n2)
+    for path, first, second in (("b_first", b, a), ("a_first", a, b)):
+        w1, w2 = path_operands(a, b, path)
+        assert w1.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()  # always a view
+        is_view = w2.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+        assert weight_copy(path, r, (m1, n1), (m2, n2)) == (0 if is_view else second.numel())
+        copies = len(path_ops(path, 5, r, (m1, n1), (m2, n2))) - len(path_ops(path, 5, r, (m1, n1), (m2, n2), True))
+        assert copies == (0 if is_view else 1)  # charged to uncached calls (training, a traced graph) only
+    assert weight_copy("dense", r, (m1, n1), (m2, n2)) == m1 * m2 * n1 * n2
+
+
 def test_planner_prefers_the_cheap_order_and_dense_when_nothing_saves():
     # Krony-PT 81M c_fc (ours: A 768×768, B 4×1): A-first is 4× fewer FLOPs; c_proj mirrored: B-first.
     assert plan(4096, 1, (768, 768), (4, 1)) == "a_first"
     assert plan(4096, 1, (768, 768), (1, 4)) == "b_first"
     # Krony-PT 92M (256×1024 ⊗ 3×3, rank 4) costs more FLOPs than the dense layer in either order.
-    assert plan(4096, 4, (1024, 256), (3, 3), cached_dense=True) == "dense"
+    assert plan(4096, 4, (1024, 256), (3, 3), cached=True) == "dense"
 
 
 def test_from_linear_to_linear_and_dense_agree():
@@ -110,6 +124,8 @@ def test_eval_cache_follows_parameter_updates():
         layer.a.mul_(2)
         second = layer(x)
     torch.testing.assert_close(second - layer.bias, 2 * (first - layer.bias))
+    cached = layer._dense_cache[1]  # stored (in, out) row-major: what BLAS reads fastest in x·W
+    assert cached.T.is_contiguous() and torch.equal(cached, layer.to_dense())
 
 
 def test_empty_batch_and_autocast():
@@ -184,6 +200,46 @@ def test_compiles_without_graph_breaks_when_the_token_count_changes():
     for t in (16, 24, 40):  # the second size recompiles with a symbolic size
         x = torch.randn(2, t, 64)
         torch.testing.assert_close(compiled(x), model(x), rtol=TOL[torch.float32], atol=TOL[torch.float32] * 10)
+
+
+@pytest.mark.slow
+def test_compiled_inference_uses_the_eager_caches_and_follows_updates():
+    """Compiled, eval mode, no autograd: every Kronecker layer runs as one kronfact::cached_call (its eager plan
+    and caches), plain low rank is traced; outputs equal eager ones, after an in-place update and in a deep copy
+    too (each layer finds its own caches). Training mode is traced."""
+    import copy
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = nn.Sequential(KronLinear(32, 64, (8, 8), 3), nn.GELU(), KronLinear(64, 32, (16, 64), 1), nn.GELU(),
+                          KronLinear(32, 32, (32, 1), 4)).eval()
+    backend = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    x = torch.randn(2, 4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        graph = "\n".join(str(g.graph) for g in backend.graphs)
+        assert graph.count("kronfact.cached_call") == 2
+        model[0].b.mul_(-1)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        twin = copy.deepcopy(model)
+        twin[0].a.mul_(3)
+        torch.testing.assert_close(torch.compile(twin, fullgraph=True)(x), twin(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    model.train()
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    assert "kronfact.cached_call" not in str(backend.graphs[-1].graph)
+
+
+def test_cached_call_equals_the_layer_and_survives_an_unknown_layer():
+    layer = KronLinear(12, 20, (4, 3), rank=2).eval()
+    x = torch.randn(3, 12)
+    args = (x, layer.a, layer.b, layer.bias, None, None)
+    with torch.no_grad():
+        want = layer(x)
+        torch.testing.assert_close(torch.ops.kronfact.cached_call(*args, id(layer)), want)
+        torch.testing.assert_close(torch.ops.kronfact.cached_call(*args, -1), want)  # no such layer: rebuilt
 
 
 @pytest.mark.parametrize(

@@ -117,6 +117,8 @@ def test_permuted_layer_equals_its_dense_equivalent_forward_and_backward(path, c
     for got, want in [(x.grad, x2.grad), (layer.a.grad, a.grad), (layer.b.grad, b.grad)] + (
             [(layer.bias.grad, bias2.grad)] if bias else []):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():  # eval mode without autograd: the cached dense weight or operands, permuted alike
+        torch.testing.assert_close(layer.eval()(x), nn.functional.linear(x, w, bias2), rtol=1e-9, atol=1e-9)
 
 
 def test_permutations_are_buffers_that_round_trip_through_state_dict():
