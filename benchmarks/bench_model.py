@@ -232,8 +232,7 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = torch._dynamo.config.accumulated_cache_size_limit = 256
     if args.rss_child:
         return rss_child(args.rss_child, args)
-    # timed as a deep copy, like every variant: from_pretrained leaves the weights in a private mapping of the
-    # safetensors file, which ran up to 1.3× slower here (SmolLM2's training step) than the same weights copied
+    # timed as a deep copy, like every variant: from_pretrained leaves the weights in a private mapping of the file
     original = copy.deepcopy(load(args.model, args.smollm2))
     vocab, context = original.config.vocab_size, getattr(original.config, "n_positions", None) or \
         original.config.max_position_embeddings
