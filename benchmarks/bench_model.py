@@ -250,7 +250,7 @@ def main() -> None:
     for name, model in variants.items():
         kron = [m for m in model.modules() if isinstance(m, kronfact.KronLinear)]
         paths = sorted({m.choose_path(1, cached=True) + "/" + m.choose_path(args.prefill[0] * args.prefill[1],
-                                                                                   cached=True) for m in kron})
+                                                                            cached=True) for m in kron})
         disk, rss = disk_and_rss(model, args)
         info[name] = {"params": count_parameters(model), "disk": disk, "rss": rss, "paths": ", ".join(paths) or "—"}
         print(f"{name}: {info[name]}", flush=True)

@@ -25,13 +25,15 @@ ORIENTATIONS: tuple[str, ...] = ("linear", "conv1d")
 _LAYERS: weakref.WeakValueDictionary[int, KronLinear] = weakref.WeakValueDictionary()
 
 
-def permute_weight(k: Tensor, in_perm: Tensor | None, out_perm: Tensor | None) -> Tensor:
+def permute_weight(k: Tensor, in_perm: Tensor | None, out_perm: Tensor | None, transposed: bool = False) -> Tensor:
     """The weight of a layer computing y = (x[..., in_perm]·kᵀ)[..., out_perm]: k (out, in) with rows
-    gathered by ``out_perm`` and columns scattered by ``in_perm`` (None: that side unpermuted)."""
+    gathered by ``out_perm`` and columns scattered by ``in_perm`` (None: that side unpermuted).
+    ``transposed``: k and the result are the (in, out) transposes."""
+    out_dim, in_dim = (1, 0) if transposed else (0, 1)
     if out_perm is not None:
-        k = k.index_select(0, out_perm)
+        k = k.index_select(out_dim, out_perm)
     if in_perm is not None:
-        k = torch.empty_like(k).index_copy(1, in_perm, k)
+        k = torch.empty_like(k).index_copy(in_dim, in_perm, k)
     return k
 
 
@@ -206,17 +208,13 @@ class KronLinear(nn.Module):
         """Changes whenever one of ``tensors`` is modified in place, replaced, or cast: a cache's validity."""
         return tuple(None if t is None else (t._version, t.data_ptr(), t.dtype) for t in tensors)
 
-    def _cached(self, a: Tensor, b: Tensor, in_perm: Tensor | None, out_perm: Tensor | None) -> Tensor:
+    def _cached_dense(self, a: Tensor, b: Tensor, in_perm: Tensor | None, out_perm: Tensor | None) -> Tensor:
         key = self._values_key(a, b, in_perm, out_perm)
         cache = self._dense_cache
         if cache is None or cache[0] != key:
             # built as Wᵀ = Σ aᵢᵀ ⊗ bᵢᵀ, (in, out) row-major: F.linear then runs x·Wᵀ as a plain GEMM, which MKL does
             # up to 2× faster at 4–64 rows than against nn.Linear's (out, in) layout
-            wt = kron_sum(a.mT, b.mT)
-            if out_perm is not None:
-                wt = wt.index_select(1, out_perm)
-            if in_perm is not None:
-                wt = torch.empty_like(wt).index_copy(0, in_perm, wt)
+            wt = permute_weight(kron_sum(a.mT, b.mT), in_perm, out_perm, transposed=True)
             cache = self._dense_cache = (key, wt.T)
         return cache[1]
 
@@ -246,12 +244,12 @@ class KronLinear(nn.Module):
         compiling = torch.compiler.is_compiling()
         if compiling and not (grad or self.training or torch.is_autocast_enabled(x.device.type) or self._low_rank):
             return _cached_call(x, a, b, bias, in_perm, out_perm, id(self))  # compiled inference: see _cached_call
-        return self._call(x, a, b, bias, in_perm, out_perm, grad, cacheable=not (grad or self.training or compiling))
+        return self._call(x, a, b, bias, in_perm, out_perm, grad, not (grad or self.training or compiling), compiling)
 
     def _call(self, x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None, in_perm: Tensor | None,
-              out_perm: Tensor | None, grad: bool, cacheable: bool) -> Tensor:
-        """The layer on checked inputs; ``cacheable``: eval mode without autograd, not traced (caches usable)."""
-        compiling = torch.compiler.is_compiling()
+              out_perm: Tensor | None, grad: bool, cacheable: bool, compiling: bool) -> Tensor:
+        """The layer on checked inputs; ``cacheable``: eval mode without autograd, not traced (caches usable);
+        ``compiling``: being traced (plans are not cached)."""
         path = self.path
         if path == "auto" and compiling:  # traced once per specialisation: no cache
             path = self.choose_path(x.numel() // self.in_features)
@@ -259,7 +257,7 @@ class KronLinear(nn.Module):
             key = (x.numel() // self.in_features, x.dtype, x.device, cacheable)
             path = self._plans.get(key) or self._plans.setdefault(key, self.choose_path(key[0], cacheable))
         if path == "dense":
-            weight = self._cached(a, b, in_perm, out_perm) if cacheable else \
+            weight = self._cached_dense(a, b, in_perm, out_perm) if cacheable else \
                 permute_weight(kron_sum(a, b), in_perm, out_perm)
             return F.linear(x, weight, bias)
         operands = self._cached_operands(a, b, path) if cacheable else None
@@ -290,7 +288,7 @@ def _cached_call_impl(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None, in_p
     layer = _LAYERS.get(layer_id)
     if layer is None:  # not expected: correct, if slow
         return F.linear(x, permute_weight(kron_sum(a, b), in_perm, out_perm), bias)
-    return layer._call(x, a, b, bias, in_perm, out_perm, grad=False, cacheable=True)
+    return layer._call(x, a, b, bias, in_perm, out_perm, grad=False, cacheable=True, compiling=False)
 
 
 def _cached_call_fake(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None, in_perm: Tensor | None,
