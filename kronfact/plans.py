@@ -186,13 +186,16 @@ class _MatMul(torch.autograd.Function):
 
 
 def _grad_mm(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """:func:`_product` under autograd: through :class:`_MatMul` when a GEMM of the forward or the
-    backward has a size-1 dimension, else plain autograd ops (no Python in the backward)."""
-    if 1 in (x.shape[0], x.shape[1], w.shape[1]) and not torch.compiler.is_compiling():
+    """:func:`_product` under autograd: through :class:`_MatMul` when a GEMM of the forward or the backward has
+    a size-1 dimension, or the bias spans several output rows (added in place inside, where autograd does not see
+    a view: out of place it is a fresh output-sized tensor, in place through a view a full copy in the backward);
+    else plain autograd ops (no Python in the backward)."""
+    p = None if bias is None else bias.numel()
+    if (1 in (x.shape[0], x.shape[1], w.shape[1]) or p not in (None, w.shape[1])) \
+            and not torch.compiler.is_compiling():
         return _MatMul.apply(x, w, bias)
     if bias is None:
         return x @ w
-    p = bias.numel()
     return torch.addmm(bias, x, w) if p == w.shape[1] else ((x @ w).view(-1, p) + bias).view(x.shape[0], w.shape[1])
 
 

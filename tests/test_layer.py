@@ -321,6 +321,20 @@ def test_plain_low_rank_is_exactly_two_gemms(shape_a, bias):
     torch.testing.assert_close(layer(x), x @ layer.to_dense().T + (layer.bias if bias else 0), rtol=1e-5, atol=1e-5)
 
 
+def test_training_adds_a_bias_spanning_several_rows_in_place():
+    """A-first's last GEMM yields (t·m1, m2) rows; the bias (m1·m2,) spans m1 of them. Under autograd it is added
+    in place (no output-sized temporary in the forward, no full-gradient copy in the backward)."""
+    layer = KronLinear(12, 20, (4, 3), rank=2, path="a_first")
+    x = torch.randn(6, 12, requires_grad=True)
+    out = []
+    ops = _aten_ops(lambda: out.append(layer(x)))
+    assert "add_" in ops and "add" not in ops
+
+    def nodes(fn):
+        return [] if fn is None else [type(fn).__name__] + [n for f, _ in fn.next_functions for n in nodes(f)]
+    assert "CopySlices" not in nodes(out[0].grad_fn)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_no_autograd_function_when_no_gradient_is_needed(path, monkeypatch):
     """Inference (no_grad, or frozen parameters and input) never enters the Python autograd function."""
