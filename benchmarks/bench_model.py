@@ -2,7 +2,9 @@
 
     python benchmarks/bench_model.py                                   # tiny-gpt2, full protocol, writes RESULTS.md
     python benchmarks/bench_model.py --model smollm2 --smollm2 /work/models/smollm2 --prefill 1x512 \\
-        --new-tokens 32 --train 1x256 --modes eager --section-suffix smollm2
+        --new-tokens 32 --train 1x256 --compile-decode --control
+    python benchmarks/bench_model.py --model gpt2 --modes compiled --compile-decode --metrics "decode b1,decode b8" \\
+        --section bench_model_gpt2_compiled_decode      # some cells only, in a section of their own
 
 Models: ``tiny`` (../shared/models/tiny-gpt2-shakespeare, context 256), ``smollm2`` (a SmolLM2-135M folder,
 built by ../shared/tools/smollm2.py), ``gpt2`` (GPT-2 124M shapes, random weights, seed 0). Structures at
@@ -150,7 +152,7 @@ def measurements(model, compiled: bool, args, vocab: int) -> dict:
     if not compiled or args.compile_decode:
         out["decode b1"] = (args.new_tokens, lambda: decode(1))
         out["decode b8"] = (8 * args.new_tokens, lambda: decode(8))
-    return out
+    return {name: run for name, run in out.items() if args.metrics is None or name in args.metrics}
 
 
 def rss_child(folder: str, args) -> None:
@@ -222,11 +224,20 @@ def main() -> None:
     parser.add_argument("--compile-decode", action="store_true",
                         help="also time generate() with a static cache and the forward compiled")
     parser.add_argument("--control", action="store_true", help="time a copy of the original as a variant (noise)")
+    parser.add_argument("--metrics", type=lambda text: [m.strip() for m in text.split(",")], default=None,
+                        help='only these, comma-separated, of "prefill, train, decode b1, decode b8"')
+    parser.add_argument("--section", default=None, help="RESULTS.md section (default bench_model_MODEL)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = set(args.metrics or ()) - {"prefill", "train", "decode b1", "decode b8"}
+    if unknown:
+        parser.error(f"unknown --metrics {sorted(unknown)}: choose among prefill, train, decode b1, decode b8")
+    if "compiled" in args.modes and args.metrics and not args.compile_decode \
+            and not {"prefill", "train"} & set(args.metrics):
+        parser.error("compiled decode is timed only with --compile-decode")
     torch.set_num_threads(args.threads)
     # every variant shares the model class's forward code: one compiled graph per variant and mode
     torch._dynamo.config.cache_size_limit = torch._dynamo.config.accumulated_cache_size_limit = 256
@@ -260,7 +271,7 @@ def main() -> None:
     text = report(args, info, results, load_before, load_after)
     print(text)
     if not args.no_write:
-        write_section(f"bench_model_{args.model}", text)
+        write_section(args.section or f"bench_model_{args.model}", text)
 
 
 def report(args, info, results, load_before, load_after) -> str:
