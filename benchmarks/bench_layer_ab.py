@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import shlex
 import statistics
 import subprocess
 import sys
@@ -85,9 +86,9 @@ def main() -> None:
                          stdout=subprocess.PIPE, text=True).stdout.strip()
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True,
                           stdout=subprocess.PIPE, text=True).stdout.strip()
-    head = ["layer", "mode", "nn.Linear ms", "baseline ms", "current ms", "current / baseline"] + (
+    columns = ["layer", "mode", "nn.Linear ms", "baseline ms", "current ms", "current / baseline"] + (
         ["baseline again / baseline"] if args.control else []) + ["baseline × nn.Linear", "current × nn.Linear"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     with tempfile.TemporaryDirectory() as folder:
         Baseline = baseline_layer_class(rev, folder)
         for name, (out_f, in_f, shape_a, rank) in LAYERS.items():
@@ -110,7 +111,7 @@ def main() -> None:
                     f"{ratio('nn.Linear', 'baseline'):.2f}", f"{ratio('nn.Linear', 'current'):.2f}"]
                 lines.append("| " + " | ".join(row) + " |")
                 print(lines[-1], flush=True)
-    cmd = "python benchmarks/bench_layer_ab.py " + " ".join(sys.argv[1:])
+    cmd = "python benchmarks/bench_layer_ab.py " + shlex.join(sys.argv[1:])
     text = (f"## KronLinear against an earlier commit: {head} vs {rev}\n\nCommand: `{cmd}` — {machine()}. "
             f"bench_layer's layers, {TOKENS} tokens, fp32, path \"auto\", default malloc; nn.Linear, {rev}'s layer "
             f"and {head}'s (same factors, same input) timed round-robin in one process, median of {args.reps} "

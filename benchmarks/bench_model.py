@@ -35,6 +35,7 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -275,7 +276,7 @@ def main() -> None:
 
 
 def report(args, info, results, load_before, load_after) -> str:
-    cmd = "python benchmarks/bench_model.py " + " ".join(sys.argv[1:])
+    cmd = "python benchmarks/bench_model.py " + shlex.join(sys.argv[1:])
     metrics = list(next(iter(next(iter(results.values())).values())))
     head = ["variant", "params", "disk MB", "peak RSS MB", "path (1 token / prefill)"]
     for mode, res in results.items():
@@ -290,7 +291,8 @@ def report(args, info, results, load_before, load_after) -> str:
                 row.append(f"{v:,.0f}" if name == "original" else f"{v:,.0f} (**{ratio:.2f}**)")
         lines.append("| " + " | ".join(row) + " |")
     (pb, pt), (tb, tt) = args.prefill, args.train
-    return (f"## Whole models: {args.model}, original vs compressed\n\n"
+    only = f" ({', '.join(f'{mode} {m}' for mode in results for m in metrics)})" if args.metrics else ""
+    return (f"## Whole models: {args.model}, original vs compressed{only}\n\n"
             f"Command: `{cmd}` — {machine()}. Load average (1 min) {load_before[0]:.1f} before and "
             f"{load_after[0]:.1f} after the timing"
             + (f" (above this benchmark's own {args.threads}: other jobs shared the cores, so absolute figures are "
