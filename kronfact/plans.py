@@ -9,7 +9,8 @@ fixed cost per operation (what dominates a single decoded token); its answers ar
 A plain low-rank layer (A a column ⊗ B a row, or the mirror) runs as exactly two GEMMs with the
 bias fused into the second. Without autograd every path calls the GEMMs directly; with it, a GEMM
 with a size-1 dimension goes through :class:`_MatMul` (BLAS is slow at rank-1 products and autograd's
-own backward would materialise their outer products), every other one is a plain ``@``.
+own backward would materialise their outer products), and so does one whose bias spans several output
+rows (added in place inside); every other one is a plain ``@``.
 """
 
 from __future__ import annotations
