@@ -37,11 +37,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def baseline_layer_class(rev: str, folder: str):
-    """KronLinear of ``rev``'s kronfact package, imported as ``kronfact_baseline`` from ``folder``."""
+    """KronLinear of ``rev``'s kronfact package, imported as ``kronfact_baseline`` from ``folder``. Its torch
+    operators (``kronfact::…``, since 3f8335c) are renamed ``kronfact_baseline::…``: the current package has
+    registered the same names already."""
     data = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "kronfact"], check=True,
                           stdout=subprocess.PIPE).stdout
     with tarfile.open(fileobj=BytesIO(data)) as tar:
-        tar.extractall(folder, filter="data")
+        try:
+            tar.extractall(folder, filter="data")
+        except TypeError:  # Python < 3.10.12 has no filter; the archive is this repository's own
+            tar.extractall(folder)
+    for source in Path(folder, "kronfact").rglob("*.py"):
+        text = source.read_text()
+        for old, new in (('Library("kronfact"', 'Library("kronfact_baseline"'), ('"kronfact::', '"kronfact_baseline::'),
+                         ("torch.ops.kronfact.", "torch.ops.kronfact_baseline.")):
+            text = text.replace(old, new)
+        source.write_text(text)
     spec = importlib.util.spec_from_file_location("kronfact_baseline", Path(folder, "kronfact", "__init__.py"),
                                                   submodule_search_locations=[str(Path(folder, "kronfact"))])
     module = importlib.util.module_from_spec(spec)
@@ -51,7 +62,7 @@ def baseline_layer_class(rev: str, folder: str):
 
 
 def timings(layers: dict, train: bool, in_f: int, out_f: int, reps: int) -> dict:
-    """{name: [seconds per round]} for one call of each layer, round-robin."""
+    """{name: [seconds per round]} for one call of each layer, round-robin, the order rotated every round."""
     x = torch.randn(TOKENS, in_f, requires_grad=train)
     grad_out = torch.randn(TOKENS, out_f)
 
@@ -67,8 +78,10 @@ def timings(layers: dict, train: bool, in_f: int, out_f: int, reps: int) -> dict
     for layer in layers.values():  # warm up
         call(layer)
     samples = {name: [] for name in layers}
-    for _ in range(reps):
-        for name, layer in layers.items():
+    names = list(layers)
+    for i in range(reps):
+        for name in names[i % len(names):] + names[:i % len(names)]:  # each layer takes every place in turn
+            layer = layers[name]
             start = time.perf_counter()
             call(layer)
             samples[name].append(time.perf_counter() - start)
@@ -86,6 +99,9 @@ def main() -> None:
                          stdout=subprocess.PIPE, text=True).stdout.strip()
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True,
                           stdout=subprocess.PIPE, text=True).stdout.strip()
+    if subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "kronfact"], check=True,
+                      stdout=subprocess.PIPE, text=True).stdout.strip():
+        head += " + uncommitted changes"
     columns = ["layer", "mode", "nn.Linear ms", "baseline ms", "current ms", "current / baseline"] + (
         ["baseline again / baseline"] if args.control else []) + ["baseline × nn.Linear", "current × nn.Linear"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -115,7 +131,8 @@ def main() -> None:
     text = (f"## KronLinear against an earlier commit: {head} vs {rev}\n\nCommand: `{cmd}` — {machine()}. "
             f"bench_layer's layers, {TOKENS} tokens, fp32, path \"auto\", default malloc; nn.Linear, {rev}'s layer "
             f"and {head}'s (same factors, same input) timed round-robin in one process, median of {args.reps} "
-            "rounds (Llama: a third); ratios are medians of per-round ratios. Forward: eval mode, no autograd. "
+            "rounds (Llama: a third, at least 3), the order rotated every round; ratios are medians of per-round "
+            "ratios. Forward: eval mode, no autograd. "
             "current / baseline > 1: this checkout is faster"
             + ("; \"baseline again\" is a second copy of the baseline's layer, timed alike: its ratio is the noise"
                if args.control else "") + ".\n\n" + "\n".join(lines))

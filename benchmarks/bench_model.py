@@ -291,7 +291,8 @@ def report(args, info, results, load_before, load_after) -> str:
                 row.append(f"{v:,.0f}" if name == "original" else f"{v:,.0f} (**{ratio:.2f}**)")
         lines.append("| " + " | ".join(row) + " |")
     (pb, pt), (tb, tt) = args.prefill, args.train
-    only = f" ({', '.join(f'{mode} {m}' for mode in results for m in metrics)})" if args.metrics else ""
+    only = f" ({', '.join(f'{mode} {m}' for mode, res in results.items() for m in res['original'])})" \
+        if args.metrics else ""
     return (f"## Whole models: {args.model}, original vs compressed{only}\n\n"
             f"Command: `{cmd}` — {machine()}. Load average (1 min) {load_before[0]:.1f} before and "
             f"{load_after[0]:.1f} after the timing"

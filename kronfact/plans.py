@@ -175,7 +175,19 @@ class _MatMul(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         x, w, bias = inputs
         ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w)
         ctx.bias_size = None if bias is None else bias.numel()
+
+    @staticmethod
+    def jvp(ctx, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None) -> Tensor:
+        """Forward-mode derivative (torch.func.jvp, jacfwd, hessian): tx·w + x·tw [+ tb, as the bias is added]."""
+        x, w = ctx.saved_tensors
+        out = _product(tx, w) if tx is not None else x.new_zeros(x.shape[0], w.shape[1])
+        if tw is not None:
+            out = out + _product(x, tw)
+        if tb is not None:
+            out = (out.view(-1, tb.numel()) + tb).view(out.shape)
+        return out
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:

@@ -290,6 +290,26 @@ def test_vmap_per_sample_gradients(path):
             torch.testing.assert_close(per_sample[name][i], w)
 
 
+@pytest.mark.parametrize("path", ["b_first", "a_first"])
+@pytest.mark.parametrize("shape_a", [(4, 3), (20, 1), (1, 12), (4, 12)])  # general, and sides of size 1
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_mode_jacobians_equal_reverse_mode(path, shape_a, bias):
+    """torch.func.jacfwd (forward-mode AD, through the custom GEMM's jvp) agrees with reverse mode, in the input
+    and in every parameter."""
+    from torch.func import functional_call, jacfwd
+
+    torch.manual_seed(0)
+    layer = KronLinear(12, 20, shape_a, rank=2, bias=bias, dtype=torch.float64, path=path)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    torch.testing.assert_close(jacfwd(layer)(x), torch.autograd.functional.jacobian(layer, x))
+    params = dict(layer.named_parameters())
+    forward = jacfwd(lambda p: functional_call(layer, p, (x,)))(params)
+    reverse = torch.autograd.functional.jacobian(
+        lambda *ps: functional_call(layer, dict(zip(params, ps, strict=True)), (x,)), tuple(params.values()))
+    for name, want in zip(params, reverse, strict=True):
+        torch.testing.assert_close(forward[name], want)
+
+
 def _aten_ops(fn) -> list[str]:
     """The aten operators ``fn()`` dispatches, in order."""
     from torch.utils._python_dispatch import TorchDispatchMode
