@@ -65,6 +65,18 @@ def materialise_forward(x, a, b, bias):
     return F.linear(x, w, bias)
 
 
+def call(module_fn, params, x, grad_out, train):
+    """One timed call: a forward without autograd, or (``train``) a forward and a backward of ``grad_out`` with
+    the gradients of ``params`` and ``x`` cleared first."""
+    if not train:
+        with torch.no_grad():
+            return module_fn(x)
+    for p in params:
+        p.grad = None
+    x.grad = None
+    module_fn(x).backward(grad_out)
+
+
 def make_fns(out_f, in_f, shape_a, rank, train):
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_f, out_f)
@@ -76,13 +88,7 @@ def make_fns(out_f, in_f, shape_a, rank, train):
     grad_out = torch.randn(TOKENS, out_f)  # a real upstream gradient (not .sum()'s expanded ones)
 
     def run(module_fn, params):
-        if not train:
-            with torch.no_grad():
-                return module_fn(x)
-        for p in params:
-            p.grad = None
-        x.grad = None
-        module_fn(x).backward(grad_out)
+        return call(module_fn, params, x, grad_out, train)
 
     k = layers["auto"]
     fns = {"nn.Linear": lambda: run(linear, linear.parameters()),

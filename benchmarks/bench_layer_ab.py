@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_layer import LAYERS, TOKENS  # noqa: E402
+from bench_layer import LAYERS, TOKENS, call  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
 from kronfact.layer import KronLinear  # noqa: E402
@@ -66,24 +66,15 @@ def timings(layers: dict, train: bool, in_f: int, out_f: int, reps: int) -> dict
     x = torch.randn(TOKENS, in_f, requires_grad=train)
     grad_out = torch.randn(TOKENS, out_f)
 
-    def call(layer):
-        if not train:
-            with torch.no_grad():
-                return layer(x)
-        for p in layer.parameters():
-            p.grad = None
-        x.grad = None
-        layer(x).backward(grad_out)
-
     for layer in layers.values():  # warm up
-        call(layer)
+        call(layer, layer.parameters(), x, grad_out, train)
     samples = {name: [] for name in layers}
     names = list(layers)
     for i in range(reps):
         for name in names[i % len(names):] + names[:i % len(names)]:  # each layer takes every place in turn
             layer = layers[name]
             start = time.perf_counter()
-            call(layer)
+            call(layer, layer.parameters(), x, grad_out, train)
             samples[name].append(time.perf_counter() - start)
     return samples
 

@@ -60,6 +60,7 @@ TINY = ROOT.parent / "shared" / "models" / "tiny-gpt2-shakespeare"
 RATIOS = (0.5, 0.25)
 STRUCTURES = ("low rank", "balanced", "Krony-PT", "neurons")
 PROMPT = 64
+METRICS = ("prefill", "train", "decode b1", "decode b8")  # decode: eager always, compiled with --compile-decode
 
 
 def load(name: str, smollm2: str | None) -> torch.nn.Module:
@@ -226,18 +227,18 @@ def main() -> None:
                         help="also time generate() with a static cache and the forward compiled")
     parser.add_argument("--control", action="store_true", help="time a copy of the original as a variant (noise)")
     parser.add_argument("--metrics", type=lambda text: [m.strip() for m in text.split(",")], default=None,
-                        help='only these, comma-separated, of "prefill, train, decode b1, decode b8"')
+                        help=f"only these, comma-separated, of {', '.join(METRICS)}")
     parser.add_argument("--section", default=None, help="RESULTS.md section (default bench_model_MODEL)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    unknown = set(args.metrics or ()) - {"prefill", "train", "decode b1", "decode b8"}
+    unknown = set(args.metrics or ()) - set(METRICS)
     if unknown:
-        parser.error(f"unknown --metrics {sorted(unknown)}: choose among prefill, train, decode b1, decode b8")
+        parser.error(f"unknown --metrics {sorted(unknown)}: choose among {', '.join(METRICS)}")
     if "compiled" in args.modes and args.metrics and not args.compile_decode \
-            and not {"prefill", "train"} & set(args.metrics):
+            and not set(METRICS[:2]) & set(args.metrics):
         parser.error("compiled decode is timed only with --compile-decode")
     torch.set_num_threads(args.threads)
     # every variant shares the model class's forward code: one compiled graph per variant and mode
