@@ -310,7 +310,12 @@ def load(path: str | os.PathLike, model: nn.Module, *, require_metadata: bool = 
     if not any(t.is_meta for t in current.values()):
         model.load_state_dict(state, strict=False)  # complete: checked by _check_tensors
         return model
-    # A skeleton without memory: the file's tensors become the model's (in its dtypes), then the ties.
+    # A skeleton without memory: the file's tensors become the model's (in its dtypes), then the ties. The factors
+    # are read rather than mapped: laying out a mapped factor (eval mode) would keep its file pages resident beside
+    # the copy, for as long as any tensor of the file is alive.
+    with safe_open(path, "pt", backend="pread") as f:
+        state.update({k: f.get_tensor(k) for name, layer in layers.items() if isinstance(layer, KronLinear)
+                      for k in (f"{name}.a", f"{name}.b")})
     state = {k: v.to(current[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     for kept, names in ties.items():
@@ -318,6 +323,10 @@ def load(path: str | os.PathLike, model: nn.Module, *, require_metadata: bool = 
         for name in names:
             tied_slots, tied_attr = _slot(model, name)
             tied_slots[tied_attr] = slots[attr]
+    del state  # the file's tensors are the model's now: laying a layer out frees its file-ordered factors
+    for layer in layers.values():
+        if isinstance(layer, KronLinear) and not layer.training:
+            layer.lay_out()  # as eval() did for the skeleton's layers, before assignment replaced them
     return model
 
 

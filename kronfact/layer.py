@@ -24,6 +24,14 @@ ORIENTATIONS: tuple[str, ...] = ("linear", "conv1d")
 # Every live KronLinear by id(): a compiled inference call (:func:`_cached_call`) finds its layer's caches here.
 _LAYERS: weakref.WeakValueDictionary[int, KronLinear] = weakref.WeakValueDictionary()
 
+# Per path, the memory order of a (r, m1, n1) and b (r, m2, n2) in which both GEMM operands of the path
+# (:func:`kronfact.plans.path_operands`) are row-major views: A-first reads a as (n1, r·m1) and b as (r·n2, m2),
+# B-first b as (n2, r·m2) and a as (r·n1, m1). An order lists the dimensions from the slowest to the fastest.
+_LAYOUTS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
+    "a_first": ((2, 0, 1), (0, 2, 1)),
+    "b_first": ((0, 2, 1), (2, 0, 1)),
+}
+
 
 def permute_weight(k: Tensor, in_perm: Tensor | None, out_perm: Tensor | None, transposed: bool = False) -> Tensor:
     """The weight of a layer computing y = (x[..., in_perm]·kᵀ)[..., out_perm]: k (out, in) with rows
@@ -194,6 +202,34 @@ class KronLinear(nn.Module):
                 else:
                     dense.bias.copy_(self.bias)
         return dense.train(self.training).requires_grad_(self.a.requires_grad)
+
+    def train(self, mode: bool = True) -> KronLinear:
+        """nn.Module.train; switching to eval mode also lays the factors out for inference (:meth:`lay_out`)."""
+        super().train(mode)
+        if not mode:
+            self.lay_out()
+        return self
+
+    def lay_out(self) -> KronLinear:
+        """Store ``a`` and ``b`` in the memory order in which a decoded token's path (one row, eval mode) reads them:
+        both of its GEMM operands become row-major (k, n) views, no copy is cached, and MKL reads them faster at a
+        few rows than the transposed views of contiguous factors (DRAM-resident, 1024×1024 at 8 rows: 287 against
+        495 µs). Values, shapes, dtypes and devices are unchanged; only strides. :meth:`train` calls it on the way to
+        eval mode; nothing to do for plain low rank or a dense path. Returns ``self``.
+
+        >>> layer = KronLinear(8, 6, (3, 4), rank=2, path="a_first").eval()
+        >>> layer.a.shape, layer.a.stride()  # (rank, m1, n1), stored as (n1, rank, m1): A-first's first operand
+        (torch.Size([2, 3, 4]), (3, 1, 6))
+        """
+        path = self.choose_path(1, cached=True)
+        if path == "dense" or self._low_rank:
+            return self
+        with torch.no_grad():
+            for name, order in zip(("a", "b"), _LAYOUTS[path], strict=True):
+                p = self._parameters[name]
+                if not p.permute(order).is_contiguous():
+                    p.data = p.permute(order).contiguous().permute(*(order.index(d) for d in range(3)))
+        return self
 
     def choose_path(self, tokens: int, cached: bool = False) -> str:
         """The path :meth:`forward` takes for ``tokens`` rows (:func:`kronfact.plans.plan`)."""

@@ -274,6 +274,24 @@ def test_a_meta_skeleton_takes_the_files_tensors_in_its_dtype_and_is_re_tied(sav
     assert torch.equal(skeleton(ids()), real(ids()))
 
 
+@pytest.mark.parametrize("meta", [False, True])
+def test_an_eval_skeleton_loads_laid_out_for_inference(tmp_path, meta):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 1024))
+    kron(model, "0", (256, 256), 1)  # Krony-PT's 81M c_fc, scaled: a decoded token takes A-first
+    model.eval()
+    source = model[0]
+    assert source.choose_path(1, cached=True) == "a_first" and not source.a.is_contiguous()  # eval() laid it out
+    io.save(model, tmp_path / "m.safetensors")
+    with torch.device("meta" if meta else "cpu"):
+        skeleton = nn.Sequential(nn.Linear(256, 1024)).eval()
+    loaded = io.load(tmp_path / "m.safetensors", skeleton)[0]
+    assert not loaded.training and loaded.a.stride() == source.a.stride() and loaded.b.stride() == source.b.stride()
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), source(x))
+
+
 def test_failed_save_leaves_the_previous_file_and_no_temp(saved, monkeypatch):
     before = saved.read_bytes()
 

@@ -128,6 +128,31 @@ def test_eval_cache_follows_parameter_updates():
     assert cached.T.is_contiguous() and torch.equal(cached, layer.to_dense())
 
 
+@pytest.mark.parametrize("path", ["a_first", "b_first"])
+@given(case=layer_case())
+@settings(max_examples=25, deadline=None)
+def test_eval_lays_the_factors_out_as_row_major_operands(path, case):
+    m1, n1, m2, n2, rank, lead, seed, bias = case
+    layer = _layer(m1, n1, m2, n2, rank, bias, torch.float64, path, seed)
+    twin = _layer(m1, n1, m2, n2, rank, bias, torch.float64, path, seed)  # stays contiguous
+    x = torch.randn(*lead, n1 * n2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    layer.eval()
+    assert torch.equal(layer.a, twin.a) and torch.equal(layer.b, twin.b)  # values and shapes unchanged
+    if not layer._low_rank:
+        first, second = (layer.a, layer.b) if path == "a_first" else (layer.b, layer.a)
+        for w, factor in zip(path_operands(layer.a, layer.b, path), (first, second), strict=True):
+            assert w.is_contiguous() and w.untyped_storage().data_ptr() == factor.untyped_storage().data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), twin(x), rtol=1e-10, atol=1e-10)
+    layer.train()  # training goes on from the laid-out factors; gradients take their strides
+    (layer(x) ** 2).sum().backward()
+    (twin(x) ** 2).sum().backward()
+    for name in ("a", "b"):
+        p, q = getattr(layer, name), getattr(twin, name)
+        assert all(g == s for g, s, n in zip(p.grad.stride(), p.stride(), p.shape, strict=True) if n > 1)  # same memory order
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-10)
+
+
 def test_empty_batch_and_autocast():
     layer = KronLinear(12, 20, (4, 3), rank=2)
     assert layer(torch.randn(0, 12)).shape == (0, 20)
