@@ -204,10 +204,17 @@ class KronLinear(nn.Module):
         return dense.train(self.training).requires_grad_(self.a.requires_grad)
 
     def train(self, mode: bool = True) -> KronLinear:
-        """nn.Module.train; switching to eval mode also lays the factors out for inference (:meth:`lay_out`)."""
+        """nn.Module.train; eval mode also lays the factors out for inference (:meth:`lay_out`), training mode stores
+        them contiguous again, as built: the strides DDP's gradient buckets were made for, and what safetensors'
+        ``save_file`` accepts (a training step timed the same on either layout)."""
         super().train(mode)
         if not mode:
-            self.lay_out()
+            return self.lay_out()
+        with torch.no_grad():
+            for name in ("a", "b"):
+                p = self._parameters[name]
+                if not p.is_contiguous():
+                    p.data = p.contiguous()
         return self
 
     def lay_out(self) -> KronLinear:
