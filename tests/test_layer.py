@@ -231,30 +231,40 @@ def test_compiles_without_graph_breaks_when_the_token_count_changes():
 
 
 @pytest.mark.slow
-def test_compiled_inference_uses_the_eager_caches_and_follows_updates():
-    """Compiled, eval mode, no autograd: every Kronecker layer runs as one kronfact::cached_call (its eager plan
-    and caches), plain low rank is traced; outputs equal eager ones, after an in-place update and in a deep copy
-    too (each layer finds its own caches). Training mode is traced."""
+def test_compiled_inference_traces_laid_out_paths_and_caches_the_rest():
+    """Compiled, eval mode, no autograd: a Kronecker path whose GEMM operands are views of the laid-out factors, and
+    plain low rank, are traced; a dense path, or factors not laid out for the path, run as one kronfact::cached_call
+    (the eager plan and caches). Outputs equal eager ones, after in-place updates and in a deep copy too (each layer
+    finds its own caches). Training mode is traced."""
     import copy
 
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
-    model = nn.Sequential(KronLinear(32, 64, (8, 8), 3), nn.GELU(), KronLinear(64, 32, (16, 64), 1), nn.GELU(),
-                          KronLinear(32, 32, (32, 1), 4)).eval()
+    model = nn.Sequential(KronLinear(32, 64, (8, 8), 3, path="a_first"), nn.GELU(),
+                          KronLinear(64, 32, (16, 64), 1, path="b_first"), nn.GELU(),
+                          KronLinear(32, 32, (32, 1), 4), nn.GELU(),  # plain low rank
+                          KronLinear(32, 48, (4, 4), 2, path="dense")).eval()
     backend = CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     x = torch.randn(2, 4, 32)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
-        graph = "\n".join(str(g.graph) for g in backend.graphs)
-        assert graph.count("kronfact.cached_call") == 2
+        assert str(backend.graphs[-1].graph).count("kronfact.cached_call") == 1  # the dense layer only
         model[0].b.mul_(-1)
+        model[6].a.mul_(2)
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
         twin = copy.deepcopy(model)
         twin[0].a.mul_(3)
+        twin[6].b.mul_(3)
         torch.testing.assert_close(torch.compile(twin, fullgraph=True)(x), twin(x), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        model[0].a.data = model[0].a.contiguous()  # no longer laid out: its path would copy an operand
+        torch._dynamo.reset()
+        backend = CompileCounterWithBackend("inductor")
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        assert str(backend.graphs[-1].graph).count("kronfact.cached_call") == 2
     model.train()
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
     assert "kronfact.cached_call" not in str(backend.graphs[-1].graph)
