@@ -297,17 +297,23 @@ def kron_matmul(x: Tensor, a: Tensor, b: Tensor, path: str, bias: Tensor | None 
     t = x.numel() // (n1 * n2) if n1 * n2 else 0
     mm = _grad_mm if grad else _product
     w1, w2 = operands if operands is not None and not autocast else path_operands(a, b, path)
+    # Traced, a bias spanning several rows of the last GEMM's output is added to the output's final shape instead:
+    # through the (t·m1, m2) view, Inductor indexes it by floor-division and modulo of a symbolic token count, a
+    # scalar loop (tiny's Krony-PT 25% MLP at 8 tokens after 1: 3-4× slower than static shapes).
+    traced = torch.compiler.is_compiling()
     if path == "b_first":
         y = mm(x.reshape(t * n1, n2), w1)                                         # (t·n1, r·m2)
         y = _reversed(y, t, n1, r, m2)                                            # (t·m2, r·n1)
-        fuse = m1 == 1 or m2 == 1  # the output needs no transpose: the bias goes into the GEMM
+        fuse = m2 == 1 or (m1 == 1 and not traced)  # no transpose of the output: the bias goes into the GEMM
         y = mm(y, w2, bias if fuse else None)                                     # (t·m2, m1)
         y = _transposed(y, t, m2, m1, (*lead, m1 * m2))
         return y if fuse or bias is None else y + bias
     y = _transposed(x, t, n1, n2, (t * n2, n1))
     y = mm(y, w1)                                                                 # (t·n2, r·m1)
     y = _reversed(y, t, n2, r, m1)                                                # (t·m1, r·n2)
-    return mm(y, w2, bias).reshape(*lead, m1 * m2)
+    late = traced and m1 > 1 and bias is not None
+    y = mm(y, w2, None if late else bias).reshape(*lead, m1 * m2)
+    return y + bias if late else y
 
 
 def path_operands(a: Tensor, b: Tensor, path: str) -> tuple[Tensor, Tensor]:
