@@ -229,13 +229,12 @@ class KronLinear(nn.Module):
         (torch.Size([2, 3, 4]), (3, 1, 6))
         """
         path = self.choose_path(1, cached=True)
-        if path == "dense" or self._low_rank:
+        if path == "dense" or self._low_rank or self._laid_out(self.a, self.b, path):
             return self
         with torch.no_grad():
-            for name, order in zip(("a", "b"), _LAYOUTS[path], strict=True):
+            for name, order in zip(("a", "b"), _LAYOUTS[path], strict=True):  # a laid-out one: contiguous() is a no-op
                 p = self._parameters[name]
-                if not p.permute(order).is_contiguous():
-                    p.data = p.permute(order).contiguous().permute(*(order.index(d) for d in range(3)))
+                p.data = p.permute(order).contiguous().permute(*(order.index(d) for d in range(3)))
         return self
 
     def choose_path(self, tokens: int, cached: bool = False) -> str:

@@ -209,7 +209,7 @@ def _grad_mm(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
         return _MatMul.apply(x, w, bias)
     if bias is None:
         return x @ w
-    return torch.addmm(bias, x, w) if p == w.shape[1] else ((x @ w).view(-1, p) + bias).view(x.shape[0], w.shape[1])
+    return torch.addmm(bias, x, w)  # traced, kron_matmul adds a several-row bias to its output's final shape
 
 
 # Under torch.compile, a transposing copy of the layer's input or output with a side below this is kept
