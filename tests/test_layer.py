@@ -8,7 +8,8 @@ from torch import nn
 
 import kronfact
 from kronfact.layer import KronLinear
-from kronfact.plans import PATHS, path_operands, path_ops, plan, weight_copy
+from kronfact.paths import path_operands
+from kronfact.plans import PATHS, path_cost, path_ops, plan, weight_copy
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
@@ -96,6 +97,45 @@ def test_weight_copy_counts_exactly_the_operands_that_are_not_views(r, m1, n1, m
         copies = len(path_ops(path, 5, r, (m1, n1), (m2, n2))) - len(path_ops(path, 5, r, (m1, n1), (m2, n2), True))
         assert copies == (0 if is_view else 1)  # charged to uncached calls (training, a traced graph) only
     assert weight_copy("dense", r, (m1, n1), (m2, n2)) == m1 * m2 * n1 * n2
+
+
+@given(r=st.integers(1, 200), m1=st.integers(1, 600), n1=st.integers(1, 600), m2=st.integers(1, 600),
+       n2=st.integers(1, 600), t=st.integers(1, 64))
+@settings(max_examples=200, deadline=None)
+def test_a_compiled_graph_plans_with_a_lower_cost_per_operation(r, m1, n1, m2, n2, t):
+    """Traced, an operation Inductor runs costs less than in eager mode (no Python); one of kronfact's own operators
+    (the cached dense weight's kronfact::cached_call, a kronfact::transposed copy) costs the same. So no path costs
+    more, and a Kronecker path planned for eager inference stays one in a compiled graph."""
+    shapes = (r, (m1, n1), (m2, n2))
+    for path in PATHS:
+        for cached in (True, False):
+            ops, traced_ops = (path_ops(path, t, *shapes, cached, traced) for traced in (False, True))
+            assert [(op.m, op.k, op.n) for op in ops] == [(op.m, op.k, op.n) for op in traced_ops]
+            eager, traced = path_cost(path, t, *shapes, cached=cached), path_cost(path, t, *shapes, cached=cached,
+                                                                                   traced=True)
+            assert traced < eager if not all(op.opaque for op in traced_ops) else traced == eager
+    assert all(op.opaque for op in path_ops("dense", t, *shapes, cached=True, traced=True))
+    if plan(t, *shapes, cached=True) != "dense":
+        assert plan(t, *shapes, cached=True, traced=True) != "dense"
+
+
+def test_a_layer_whose_eager_plan_is_dense_is_laid_out_for_and_traced_on_its_compiled_path():
+    """tiny-gpt2's balanced c_fc (A 2×256, B 512×1, rank 150) at one token: the cached dense weight in eager mode,
+    A-first in a compiled graph. eval() lays the factors out for A-first, so the compiled call is traced (no
+    kronfact::cached_call) and equals the eager one."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    layer = KronLinear(256, 1024, (2, 256), rank=150).eval()
+    assert layer.choose_path(1, cached=True) == "dense"
+    assert layer.choose_path(1, cached=True, traced=True) == "a_first"
+    assert KronLinear._laid_out(layer.a, layer.b, "a_first")
+    torch._dynamo.reset()
+    backend = CompileCounterWithBackend("inductor")
+    x = torch.randn(1, 1, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True, backend=backend)(x), layer(x),
+                                   rtol=1e-4, atol=1e-4)
+    assert "kronfact.cached_call" not in str(backend.graphs[-1].graph)
 
 
 def test_planner_prefers_the_cheap_order_and_dense_when_nothing_saves():
@@ -396,7 +436,7 @@ def test_training_adds_a_bias_spanning_several_rows_in_place():
 @pytest.mark.parametrize("path", PATHS)
 def test_no_autograd_function_when_no_gradient_is_needed(path, monkeypatch):
     """Inference (no_grad, or frozen parameters and input) never enters the Python autograd function."""
-    from kronfact import plans
+    from kronfact import paths
 
     layer = KronLinear(12, 20, (4, 3), rank=2, path=path)
     x = torch.randn(3, 12)
@@ -405,11 +445,48 @@ def test_no_autograd_function_when_no_gradient_is_needed(path, monkeypatch):
     def refuse(*args):
         raise AssertionError("autograd function called without a gradient to compute")
 
-    monkeypatch.setattr(plans._MatMul, "apply", refuse)
+    monkeypatch.setattr(paths._MatMul, "apply", refuse)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), want)
     layer.requires_grad_(False)
     torch.testing.assert_close(layer(x), want)
+
+
+def test_inference_reuses_its_prepared_call_until_the_layer_changes():
+    """Eval mode, no autograd: a call's operands are prepared once per input size and reused while the factors are
+    unchanged; an in-place update, a replaced factor, a removed bias, a deep copy and a pickle round trip all give
+    the layer's current function."""
+    import copy
+    import pickle
+
+    layer = KronLinear(12, 20, (4, 3), rank=2, path="b_first").eval()
+    layer.a.data = layer.a.contiguous()  # not laid out: b_first's second operand is a copy of a, made on a miss
+
+    def check():
+        for tokens in (1, 7, 1):
+            x = torch.randn(tokens, 12)
+            want = x @ layer.to_dense().T + (0 if layer.bias is None else layer.bias)
+            torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+    def copies():
+        return [op for op in _aten_ops(lambda: layer(torch.randn(3, 12))) if op in ("clone", "copy_")]
+
+    with torch.no_grad():
+        first, again = len(copies()), len(copies())
+        assert first == again + 1  # the operand copy is made once; the path's own layout copies, on every call
+        check()
+        layer.a.mul_(-2)
+        assert len(copies()) == first  # the factor changed in place: prepared again
+        check()
+        layer.b.data = torch.randn(2, 5, 4)
+        check()
+        layer.bias = None
+        check()
+        for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            x = torch.randn(5, 12)
+            twin.a.mul_(3)
+            torch.testing.assert_close(twin(x), x @ twin.to_dense().T, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layer(x), x @ layer.to_dense().T, rtol=1e-5, atol=1e-5)
 
 
 def test_plan_cache_follows_token_count_grad_mode_and_forced_path():
