@@ -89,10 +89,10 @@ class KronLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
         self.register_buffer("in_perm", None)
         self.register_buffer("out_perm", None)
-        self._dense_cache: tuple[tuple, Tensor] | None = None
-        self._operand_cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None  # eval mode, no autograd
+        self._dense_cache: tuple[tuple, Tensor, tuple] | None = None
+        self._operand_cache: tuple[tuple, tuple[Tensor, Tensor], tuple] | None = None  # eval mode, no autograd
         self._plans: dict[tuple, str] = {}  # (tokens, input dtype, device, dense cache usable) → path, for "auto"
-        self._inference: tuple[tuple, dict] | None = None  # see _infer
+        self._inference: tuple[tuple, dict, tuple] | None = None  # see _infer
         _LAYERS[id(self)] = self
         self.reset_parameters()
 
@@ -101,6 +101,7 @@ class KronLinear(nn.Module):
 
     def __setstate__(self, state: dict) -> None:  # copy.deepcopy, pickle: a new object, registered too
         super().__setstate__(state)
+        self.__dict__.setdefault("_inference", None)  # pickled before the cache existed
         _LAYERS[id(self)] = self
 
     @property
@@ -268,7 +269,7 @@ class KronLinear(nn.Module):
             # built as Wᵀ = Σ aᵢᵀ ⊗ bᵢᵀ, (in, out) row-major: F.linear then runs x·Wᵀ as a plain GEMM, which MKL does
             # up to 2× faster at 4–64 rows than against nn.Linear's (out, in) layout
             wt = permute_weight(kron_sum(a.mT, b.mT), in_perm, out_perm, transposed=True)
-            cache = self._dense_cache = (key, wt.T)
+            cache = self._dense_cache = (key, wt.T, _pinned(a, b, in_perm, out_perm))
         return cache[1]
 
     def _cached_operands(self, a: Tensor, b: Tensor, path: str) -> tuple[Tensor, Tensor]:
@@ -276,7 +277,7 @@ class KronLinear(nn.Module):
         key = (path, *self._values_key(a, b))
         cache = self._operand_cache
         if cache is None or cache[0] != key:
-            cache = self._operand_cache = (key, path_operands(a, b, path))
+            cache = self._operand_cache = (key, path_operands(a, b, path), _pinned(a, b))
         return cache[1]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -345,7 +346,7 @@ class KronLinear(nn.Module):
         values = (a._version, b._version, a.data_ptr(), b.data_ptr(), self.path, bias is None)
         cache = self._inference
         if cache is None or cache[0] != values:  # every entry is stale: drop them with their tensors
-            cache = self._inference = (values, {})
+            cache = self._inference = (values, {}, _pinned(a, b))
         entry = cache[1].get(x.numel())  # x has a's dtype (no autocast) and device (else its GEMMs raise)
         if entry is None:
             tokens = x.numel() // self.in_features
@@ -365,6 +366,13 @@ class KronLinear(nn.Module):
                 f"bias={self.bias is not None}" + ("" if self.path == "auto" else f", path={self.path!r}")
                 + ("" if self.orientation == "linear" else f", orientation={self.orientation!r}")
                 + "".join(f", {name}=True" for name in ("in_perm", "out_perm") if getattr(self, name) is not None))
+
+
+def _pinned(*tensors: Tensor | None) -> tuple[Tensor, ...]:
+    """Detached views of ``tensors``, kept beside a cache whose key names their data pointers: while the key lives,
+    their memory cannot be freed and handed to another tensor of the same version (a factor passed anew to every
+    call, e.g. by torch.func.functional_call or a parametrization), which the key would take for the cached one."""
+    return tuple(t.detach() for t in tensors if t is not None)
 
 
 def _autocast(x: Tensor) -> bool:

@@ -163,8 +163,8 @@ _transposed_copy = torch.ops.kronfact.transposed.default
 
 
 def _transposer(t: int, rows: int, cols: int, traced: bool) -> Callable[[Tensor], Tensor]:
-    """x (t blocks of rows·cols elements) → every block transposed to (cols, rows), to be reshaped by the caller:
-    a copy when both sides exceed 1."""
+    """x (t blocks of rows·cols elements) → every block transposed to (cols, rows), to be reshaped by the caller
+    (a copy when both sides exceed 1: traced, made here; in eager mode, by the caller's reshape)."""
     if min(rows, cols) == 1:
         return lambda x: x
     if traced and min(rows, cols) < FUSED_TRANSPOSE_MIN_DIM:  # see plans.FUSED_TRANSPOSE_MIN_DIM
@@ -227,6 +227,8 @@ def steps(path: str, t: int, r: int, shape_a: tuple[int, int], shape_b: tuple[in
     ``shape_b`` = (m2, n2)), a bias of ``p`` elements or None, with autograd or not: a function (x (..., n1·n2),
     w1, w2, bias) → (..., m1·m2) of :func:`path_operands` ``w1, w2``. Cached; built anew when traced (``t`` may be
     symbolic)."""
+    if path not in ("b_first", "a_first"):
+        raise KronfactError(f"steps runs 'b_first' or 'a_first', got {path!r}")
     traced = torch.compiler.is_compiling()
     return (_build.__wrapped__ if traced else _build)(path, t, r, shape_a, shape_b, p, grad, traced)
 

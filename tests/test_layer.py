@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import kronfact
+from kronfact.kron import kron_sum
 from kronfact.layer import KronLinear
 from kronfact.paths import path_operands
 from kronfact.plans import PATHS, path_cost, path_ops, plan, weight_copy
@@ -487,6 +488,26 @@ def test_inference_reuses_its_prepared_call_until_the_layer_changes():
             twin.a.mul_(3)
             torch.testing.assert_close(twin(x), x @ twin.to_dense().T, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(layer(x), x @ layer.to_dense().T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["dense", "b_first"])
+def test_inference_caches_never_mistake_a_new_factor_at_a_freed_address(path):
+    """torch.func.functional_call passes new factor tensors on every call: same size, version 0, and often the
+    address of the previous call's freed ones. The caches pin the storages their keys name, so each call sees its
+    own factors; an invalid forced path is a clear error there too."""
+    from torch.func import functional_call
+
+    layer = KronLinear(256, 256, (16, 16), rank=4, path=path, bias=False).eval()
+    x, b = torch.randn(2, 256), torch.randn(4, 16, 16)
+    with torch.no_grad():
+        for _ in range(20):
+            a = torch.randn(4, 16, 16)
+            want = x @ kron_sum(a, b).T
+            torch.testing.assert_close(functional_call(layer, {"a": a, "b": b}, (x,)), want, rtol=1e-4, atol=1e-4)
+            del a
+        layer.path = "bogus"
+        with pytest.raises(ValueError, match="bogus"):
+            layer(x)
 
 
 def test_plan_cache_follows_token_count_grad_mode_and_forced_path():
