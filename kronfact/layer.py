@@ -347,16 +347,16 @@ class KronLinear(nn.Module):
         cache = self._inference
         if cache is None or cache[0] != values:  # every entry is stale: drop them with their tensors
             cache = self._inference = (values, {}, _pinned(a, b))
-        entry = cache[1].get(x.numel())  # x has a's dtype (no autocast) and device (else its GEMMs raise)
+        size = x.numel()  # x has a's dtype (no autocast) and device (else its GEMMs raise)
+        entry = cache[1].get(size)
         if entry is None:
-            tokens = x.numel() // self.in_features
             path = self._plan(x, True, False)
             if path == "dense":
                 entry = (None, self._cached_dense(a, b, None, None), None)
             else:
-                entry = (steps(path, tokens, self.rank, self.shape_a, self.shape_b,
+                entry = (steps(path, size // self.in_features, self.rank, self.shape_a, self.shape_b,
                                None if bias is None else bias.numel(), False), *self._cached_operands(a, b, path))
-            cache[1][x.numel()] = entry
+            cache[1][size] = entry
         run, w1, w2 = entry
         return F.linear(x, w1, bias) if run is None else run(x, w1, w2, bias)
 

@@ -228,7 +228,7 @@ def steps(path: str, t: int, r: int, shape_a: tuple[int, int], shape_b: tuple[in
     w1, w2, bias) → (..., m1·m2) of :func:`path_operands` ``w1, w2``. Cached; built anew when traced (``t`` may be
     symbolic)."""
     if path not in ("b_first", "a_first"):
-        raise KronfactError(f"steps runs 'b_first' or 'a_first', got {path!r}")
+        raise KronfactError(f"path must be one of {PATHS}, got {path!r}")  # "dense" builds the weight instead
     traced = torch.compiler.is_compiling()
     return (_build.__wrapped__ if traced else _build)(path, t, r, shape_a, shape_b, p, grad, traced)
 
@@ -249,8 +249,6 @@ def kron_matmul(x: Tensor, a: Tensor, b: Tensor, path: str, bias: Tensor | None 
         bias = None if bias is None else bias.to(dtype)
     if path == "dense":
         return F.linear(x, kron_sum(a, b), bias)
-    if path not in PATHS:
-        raise KronfactError(f"path must be one of {PATHS}, got {path!r}")
     w1, w2 = operands if operands is not None and not autocast else path_operands(a, b, path)
     t = x.numel() // (n1 * n2)
     return steps(path, t, r, (m1, n1), (m2, n2), None if bias is None else bias.numel(), grad)(x, w1, w2, bias)
