@@ -138,6 +138,18 @@ def kron_sum(a: Tensor, b: Tensor) -> Tensor:
     return torch.einsum("rik,rjl->ijkl", a, b).reshape(m1 * m2, n1 * n2)
 
 
+def permute_weight(k: Tensor, in_perm: Tensor | None, out_perm: Tensor | None, transposed: bool = False) -> Tensor:
+    """The weight of a layer computing y = (x[..., in_perm]·kᵀ)[..., out_perm]: k (out, in) with rows
+    gathered by ``out_perm`` and columns scattered by ``in_perm`` (None: that side unpermuted).
+    ``transposed``: k and the result are the (in, out) transposes."""
+    out_dim, in_dim = (1, 0) if transposed else (0, 1)
+    if out_perm is not None:
+        k = k.index_select(out_dim, out_perm)
+    if in_perm is not None:
+        k = torch.empty_like(k).index_copy(in_dim, in_perm, k)
+    return k
+
+
 def _compute_dtype(weight: Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 

@@ -7,24 +7,21 @@ by :mod:`kronfact.paths`.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .compiled import LAYERS, cached_call
 from .errors import KronfactError
-from .kron import KronFactors, check_shape_a, decompose, kron_sum, max_rank
-from .paths import LIBRARY, kron_matmul, path_operands, steps
+from .kron import KronFactors, check_shape_a, decompose, kron_sum, max_rank, permute_weight
+from .paths import kron_matmul, path_operands, steps
 from .plans import PATHS, plan
 
 # The layer type a KronLinear replaced, and merges back to: nn.Linear, or transformers' Conv1D
 # (weight stored (in, out)). The KronLinear itself always holds the nn.Linear orientation.
 ORIENTATIONS: tuple[str, ...] = ("linear", "conv1d")
-
-# Every live KronLinear by id(): a compiled inference call (:func:`_cached_call`) finds its layer's caches here.
-_LAYERS: weakref.WeakValueDictionary[int, KronLinear] = weakref.WeakValueDictionary()
 
 # Per path, the memory order of a (r, m1, n1) and b (r, m2, n2) in which both GEMM operands of the path
 # (:func:`kronfact.paths.path_operands`) are row-major views: A-first reads a as (n1, r·m1) and b as (r·n2, m2),
@@ -33,18 +30,6 @@ _LAYOUTS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "a_first": ((2, 0, 1), (0, 2, 1)),
     "b_first": ((0, 2, 1), (2, 0, 1)),
 }
-
-
-def permute_weight(k: Tensor, in_perm: Tensor | None, out_perm: Tensor | None, transposed: bool = False) -> Tensor:
-    """The weight of a layer computing y = (x[..., in_perm]·kᵀ)[..., out_perm]: k (out, in) with rows
-    gathered by ``out_perm`` and columns scattered by ``in_perm`` (None: that side unpermuted).
-    ``transposed``: k and the result are the (in, out) transposes."""
-    out_dim, in_dim = (1, 0) if transposed else (0, 1)
-    if out_perm is not None:
-        k = k.index_select(out_dim, out_perm)
-    if in_perm is not None:
-        k = torch.empty_like(k).index_copy(in_dim, in_perm, k)
-    return k
 
 
 class KronLinear(nn.Module):
@@ -86,14 +71,15 @@ class KronLinear(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.a = nn.Parameter(torch.empty(rank, m1, n1, **kw))
         self.b = nn.Parameter(torch.empty(rank, m2, n2, **kw))
-        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        # a key even if None, so that forward tells a missing bias from one replaced by an attribute (torch's prune)
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_features, **kw)) if bias else None)
         self.register_buffer("in_perm", None)
         self.register_buffer("out_perm", None)
         self._dense_cache: tuple[tuple, Tensor, tuple] | None = None
         self._operand_cache: tuple[tuple, tuple[Tensor, Tensor], tuple] | None = None  # eval mode, no autograd
         self._plans: dict[tuple, str] = {}  # (tokens, input dtype, device, dense cache usable) → path, for "auto"
         self._inference: tuple[tuple, dict, tuple] | None = None  # see _infer
-        _LAYERS[id(self)] = self
+        LAYERS[id(self)] = self
         self.reset_parameters()
 
     def __getstate__(self) -> dict:  # copy.deepcopy, pickle: _infer's cache holds functions, rebuilt on demand
@@ -102,7 +88,7 @@ class KronLinear(nn.Module):
     def __setstate__(self, state: dict) -> None:  # copy.deepcopy, pickle: a new object, registered too
         super().__setstate__(state)
         self.__dict__.setdefault("_inference", None)  # pickled before the cache existed
-        _LAYERS[id(self)] = self
+        LAYERS[id(self)] = self
 
     @property
     def shape_a(self) -> tuple[int, int]:
@@ -219,8 +205,8 @@ class KronLinear(nn.Module):
             return self.lay_out()
         with torch.no_grad():
             for name in ("a", "b"):
-                p = self._parameters[name]
-                if not p.is_contiguous():
+                p = self._parameters.get(name)  # None: replaced by an attribute (torch's prune), rebuilt per call
+                if p is not None and not p.is_contiguous():
                     p.data = p.contiguous()
         return self
 
@@ -243,7 +229,9 @@ class KronLinear(nn.Module):
             return self
         with torch.no_grad():
             for name, order in zip(("a", "b"), _LAYOUTS[path], strict=True):  # a laid-out one: contiguous() is a no-op
-                p = self._parameters[name]
+                p = self._parameters.get(name)
+                if p is None:  # replaced by an attribute (torch.nn.utils.prune), rebuilt per call
+                    continue
                 p.data = p.permute(order).contiguous().permute(*(order.index(d) for d in range(3)))
         return self
 
@@ -281,12 +269,13 @@ class KronLinear(nn.Module):
         return cache[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        if type(self) is KronLinear:  # plain tensors: read without nn.Module's attribute lookup (a decoded token's
-            # cost is mostly per call); a subclass, e.g. a parametrization's, keeps its properties
+        try:  # plain tensors: read without nn.Module's attribute lookup (a decoded token's cost is mostly per call)
+            if type(self) is not KronLinear:  # a subclass, e.g. a parametrization's, keeps its properties
+                raise KeyError
             params, buffers = self._parameters, self._buffers
-            a, b, bias, in_perm, out_perm = (params["a"], params["b"], params.get("bias"), buffers["in_perm"],
+            a, b, bias, in_perm, out_perm = (params["a"], params["b"], params["bias"], buffers["in_perm"],
                                              buffers["out_perm"])
-        else:
+        except KeyError:  # or a parameter replaced by a plain attribute (torch.nn.utils.prune: a_orig · mask)
             a, b, bias, in_perm, out_perm = self.a, self.b, self.bias, self.in_perm, self.out_perm
         if x.shape[-1] != self.in_features:
             raise KronfactError(f"KronLinear expects inputs (..., {self.in_features}), got {tuple(x.shape)}")
@@ -301,10 +290,11 @@ class KronLinear(nn.Module):
         if compiling and not (grad or self.training or torch.is_autocast_enabled(x.device.type) or self._low_rank):
             path = self.choose_path(x.numel() // self.in_features, cached=True)
             if path == "dense" or not self._laid_out(a, b, path):
-                return _cached_call(x, a, b, bias, in_perm, out_perm, id(self))  # compiled inference: see _cached_call
+                return cached_call(x, a, b, bias, in_perm, out_perm, id(self))  # see kronfact.compiled
             # the path's GEMM operands are views of the factors (laid out by eval()): traced, as plain library calls
             return self._call(x, a, b, bias, in_perm, out_perm, False, False, True, path)
-        return self._call(x, a, b, bias, in_perm, out_perm, grad, not (grad or self.training or compiling), compiling)
+        cacheable = not (grad or self.training or compiling) and _keyable(a, b, in_perm, out_perm)
+        return self._call(x, a, b, bias, in_perm, out_perm, grad, cacheable, compiling)
 
     @staticmethod
     def _laid_out(a: Tensor, b: Tensor, path: str) -> bool:
@@ -343,7 +333,10 @@ class KronLinear(nn.Module):
         dense weight — is kept while the factors, the forced path and the bias's presence are unchanged, so that a
         decoded token runs little Python besides the path's tensor operations (tiny-gpt2's Krony-PT 50% MLP matrices
         inside a decode loop: 95–98 → 74–75 and 74–77 → 56–60 µs a call; the original's Conv1D, 63–69 and 67–73)."""
-        values = (a._version, b._version, a.data_ptr(), b.data_ptr(), self.path, bias is None)
+        try:
+            values = (a._version, b._version, a.data_ptr(), b.data_ptr(), self.path, bias is None)
+        except RuntimeError:  # factors that cannot key a cache (see _keyable): every call builds what it runs
+            return self._call(x, a, b, bias, None, None, False, False, False)
         cache = self._inference
         if cache is None or cache[0] != values:  # every entry is stale: drop them with their tensors
             cache = self._inference = (values, {}, _pinned(a, b))
@@ -375,35 +368,15 @@ def _pinned(*tensors: Tensor | None) -> tuple[Tensor, ...]:
     return tuple(t.detach() for t in tensors if t is not None)
 
 
+def _keyable(*tensors: Tensor | None) -> bool:
+    """True if every tensor can key a cache: it has a version counter (not made in inference mode) and storage (not a
+    functorch transform's wrapper, e.g. torch.func.vmap over a layer's parameters)."""
+    try:
+        return all(t is None or (t._version, t.data_ptr()) is not None for t in tensors)
+    except RuntimeError:
+        return False
+
+
 def _autocast(x: Tensor) -> bool:
     """True if autocast is on for ``x``'s device (the first test is a fraction of the second's cost)."""
     return torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type)
-
-
-def _cached_call_impl(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None, in_perm: Tensor | None,
-                      out_perm: Tensor | None, layer_id: int) -> Tensor:
-    """A KronLinear's inference call (eval mode, no autograd) inside a compiled graph when its plan is the dense
-    weight or a path whose GEMM operands are not views of the factors (not laid out for it, :meth:`KronLinear.lay_out`):
-    one opaque operator run as in eager mode, with the layer's plan and its cached dense weight or GEMM operands.
-    A traced call would redo their layout copies, or build the dense weight, on every call (at a decoded token,
-    the whole cost). Plain low rank and laid-out paths are traced: library GEMMs on views, without this
-    operator's Python (SmolLM2 Krony-PT 50%, compiled decode b1: 1.13× → 1.32× the original). The caches are
-    keyed by the tensors passed, so a stale entry only costs a rebuild."""
-    layer = _LAYERS.get(layer_id)
-    if layer is None:  # not expected: correct, if slow
-        return F.linear(x, permute_weight(kron_sum(a, b), in_perm, out_perm), bias)
-    if in_perm is None and out_perm is None:  # (forward only calls this without autocast)
-        return layer._infer(x, a, b, bias)
-    return layer._call(x, a, b, bias, in_perm, out_perm, grad=False, cacheable=True, compiling=False)
-
-
-def _cached_call_fake(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None, in_perm: Tensor | None,
-                      out_perm: Tensor | None, layer_id: int) -> Tensor:
-    return x.new_empty(*x.shape[:-1], a.shape[1] * b.shape[1])
-
-
-LIBRARY.define("cached_call(Tensor x, Tensor a, Tensor b, Tensor? bias, Tensor? in_perm, Tensor? out_perm, "
-               "int layer_id) -> Tensor")
-LIBRARY.impl("cached_call", _cached_call_impl, "CompositeExplicitAutograd")
-torch.library.register_fake("kronfact::cached_call", _cached_call_fake, lib=LIBRARY)
-_cached_call = torch.ops.kronfact.cached_call.default

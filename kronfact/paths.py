@@ -131,7 +131,7 @@ def _grad_gemm(m: int, k: int, n: int, p: int | None, traced: bool) -> Gemm:
     return _mm if p is None else _addmm
 
 
-# kronfact's operators (kronfact::transposed here, kronfact::cached_call in layer.py), defined directly:
+# kronfact's operators (kronfact::transposed here, kronfact::cached_call in compiled.py), defined directly:
 # torch.library.custom_op's wrapping costs ~15 µs a call, a decoded token's budget; this, ~3 µs.
 LIBRARY = torch.library.Library("kronfact", "FRAGMENT")
 LIBRARY.define("transposed(Tensor x, int rows, int cols) -> Tensor")

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from .calibrate import calibrated_decompose, calibrated_error
 from .errors import KronfactError
-from .kron import KronFactors, check_shape_a, check_weight, decompose, kron_sum
-from .layer import KronLinear, permute_weight
+from .kron import KronFactors, check_shape_a, check_weight, decompose, kron_sum, permute_weight
+from .layer import KronLinear
 from .modules import is_conv1d, is_eligible, linear_weight
 
 # Producer → consumer suffix pairs whose path is elementwise (activation, dropout) in the stock

@@ -510,6 +510,46 @@ def test_inference_caches_never_mistake_a_new_factor_at_a_freed_address(path):
             layer(x)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_factors_that_cannot_key_a_cache_run_uncached(path):
+    """Factors without a version counter (a layer made in inference mode) or without storage (torch.func.vmap over the
+    parameters of an ensemble, in eval mode without autograd) cannot key the inference caches: each call builds what
+    it runs, and gives the layer's function."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 12)
+    with torch.inference_mode():
+        layer = KronLinear(12, 20, (4, 3), rank=2, path=path).eval()
+        for _ in range(2):
+            torch.testing.assert_close(layer(x), x @ layer.to_dense().T + layer.bias, rtol=1e-5, atol=1e-5)
+            layer.a.mul_(-2)  # in place, with no version counter to tell
+    models = [KronLinear(12, 20, (4, 3), rank=2, path=path).eval() for _ in range(3)]
+    params, buffers = stack_module_state(models)
+    with torch.no_grad():
+        out = vmap(lambda p, b: functional_call(models[0], (p, b), (x,)))(params, buffers)
+    for got, model in zip(out, models, strict=True):
+        torch.testing.assert_close(got, x @ model.to_dense().T + model.bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["a", "b", "bias"])
+def test_torch_prune_on_a_factor_or_the_bias(name):
+    """torch.nn.utils.prune replaces a parameter by an attribute recomputed before every call (``name``_orig · mask):
+    training and inference calls both use the pruned tensor, and eval() lays out what is still a parameter."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    layer = KronLinear(12, 20, (4, 3), rank=2)
+    prune.l1_unstructured(layer, name, amount=0.5)
+    x = torch.randn(5, 12)
+    for mode in (True, False, True):
+        layer.train(mode)
+        with torch.set_grad_enabled(mode):
+            want = x @ layer.to_dense().T + layer.bias
+            torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    assert (getattr(layer, name) == 0).sum() == getattr(layer, name).numel() // 2
+
+
 def test_plan_cache_follows_token_count_grad_mode_and_forced_path():
     """Plans are cached per (tokens, dtype, device, grad mode); a forced path overrides the cache."""
     layer = KronLinear(768, 3072, (768, 768), rank=1).eval()  # Krony-PT 81M c_fc: A-first pays at any size
