@@ -23,13 +23,10 @@ from .plans import PATHS, plan
 # (weight stored (in, out)). The KronLinear itself always holds the nn.Linear orientation.
 ORIENTATIONS: tuple[str, ...] = ("linear", "conv1d")
 
-# Per path, the memory order of a (r, m1, n1) and b (r, m2, n2) in which both GEMM operands of the path
-# (:func:`kronfact.paths.path_operands`) are row-major views: A-first reads a as (n1, r·m1) and b as (r·n2, m2),
-# B-first b as (n2, r·m2) and a as (r·n1, m1). An order lists the dimensions from the slowest to the fastest.
-_LAYOUTS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
-    "a_first": ((2, 0, 1), (0, 2, 1)),
-    "b_first": ((0, 2, 1), (2, 0, 1)),
-}
+# The memory order, from the slowest dimension to the fastest, in which a (r, m1, n1) and b (r, m2, n2) make every GEMM
+# operand of both Kronecker paths (:func:`kronfact.paths.path_operands`) a row-major view: a factor stored as (n, r, m)
+# reads as (n, r·m), a first GEMM's operand, and as (n·r, m), a second's.
+_LAYOUT = (2, 0, 1)
 
 
 class KronLinear(nn.Module):
@@ -211,28 +208,24 @@ class KronLinear(nn.Module):
         return self
 
     def lay_out(self) -> KronLinear:
-        """Store ``a`` and ``b`` in the memory order in which a decoded token's path (one row, eval mode; the compiled
-        graph's when eager mode's is the cached dense weight, whose layout is its own) reads them:
-        both of its GEMM operands become row-major (k, n) views, no copy is cached, and MKL reads them faster at a
-        few rows than the transposed views of contiguous factors (DRAM-resident, 1024×1024 at 8 rows: 287 against
-        495 µs). Values, shapes, dtypes and devices are unchanged; only strides. :meth:`train` calls it on the way to
-        eval mode; nothing to do for plain low rank or a dense path in both modes. Returns ``self``.
+        """Store ``a`` and ``b`` in the memory order in which both Kronecker paths read them: every GEMM operand becomes
+        a row-major (k, n) view, no copy is cached, and MKL reads them faster at a few rows than the transposed views
+        of contiguous factors (DRAM-resident, 1024×1024 at 8 rows: 287 against 495 µs). Values, shapes, dtypes and
+        devices are unchanged; only strides. :meth:`train` calls it on the way to eval mode; nothing to do for plain
+        low rank. Returns ``self``.
 
-        >>> layer = KronLinear(8, 6, (3, 4), rank=2, path="a_first").eval()
-        >>> layer.a.shape, layer.a.stride()  # (rank, m1, n1), stored as (n1, rank, m1): A-first's first operand
+        >>> layer = KronLinear(8, 6, (3, 4), rank=2).eval()
+        >>> layer.a.shape, layer.a.stride()  # (rank, m1, n1), stored as (n1, rank, m1)
         (torch.Size([2, 3, 4]), (3, 1, 6))
         """
-        path = self.choose_path(1, cached=True, traced=False)
-        if path == "dense":  # eager mode reads the cached dense weight: lay out for the compiled graph's path
-            path = self.choose_path(1, cached=True, traced=True)
-        if path == "dense" or self._low_rank or self._laid_out(self.a, self.b, path):
+        if self._low_rank or self._laid_out(self.a, self.b):
             return self
         with torch.no_grad():
-            for name, order in zip(("a", "b"), _LAYOUTS[path], strict=True):  # a laid-out one: contiguous() is a no-op
+            for name in ("a", "b"):  # a laid-out one: contiguous() is a no-op
                 p = self._parameters.get(name)
                 if p is None:  # replaced by an attribute (torch.nn.utils.prune), rebuilt per call
                     continue
-                p.data = p.permute(order).contiguous().permute(*(order.index(d) for d in range(3)))
+                p.data = p.permute(_LAYOUT).contiguous().permute(1, 2, 0)
         return self
 
     def choose_path(self, tokens: int, cached: bool = False, traced: bool | None = None) -> str:
@@ -243,7 +236,8 @@ class KronLinear(nn.Module):
         compiling = torch.compiler.is_compiling()
         planner = plan.__wrapped__ if compiling else plan  # dynamo traces through, uncached
         return planner(tokens, self.rank, self.shape_a, self.shape_b, device_type=self.a.device.type,
-                       elem_bytes=self.a.element_size(), cached=cached, traced=compiling if traced is None else traced)
+                       elem_bytes=self.a.element_size(), cached=cached, traced=compiling if traced is None else traced,
+                       bias=self.bias is not None)
 
     @staticmethod
     def _values_key(*tensors: Tensor | None) -> tuple:
@@ -289,7 +283,7 @@ class KronLinear(nn.Module):
             return self._infer(x, a, b, bias)  # inference, the common case: first
         if compiling and not (grad or self.training or torch.is_autocast_enabled(x.device.type) or self._low_rank):
             path = self.choose_path(x.numel() // self.in_features, cached=True)
-            if path == "dense" or not self._laid_out(a, b, path):
+            if path == "dense" or not self._laid_out(a, b):
                 return cached_call(x, a, b, bias, in_perm, out_perm, id(self))  # see kronfact.compiled
             # the path's GEMM operands are views of the factors (laid out by eval()): traced, as plain library calls
             return self._call(x, a, b, bias, in_perm, out_perm, False, False, True, path)
@@ -297,9 +291,9 @@ class KronLinear(nn.Module):
         return self._call(x, a, b, bias, in_perm, out_perm, grad, cacheable, compiling)
 
     @staticmethod
-    def _laid_out(a: Tensor, b: Tensor, path: str) -> bool:
-        """True if ``path``'s GEMM operands are row-major views of ``a`` and ``b`` (:meth:`lay_out`)."""
-        return all(p.permute(order).is_contiguous() for p, order in zip((a, b), _LAYOUTS[path], strict=True))
+    def _laid_out(a: Tensor, b: Tensor) -> bool:
+        """True if the paths' GEMM operands are row-major views of ``a`` and ``b`` (:meth:`lay_out`)."""
+        return a.permute(_LAYOUT).is_contiguous() and b.permute(_LAYOUT).is_contiguous()
 
     def _call(self, x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None, in_perm: Tensor | None,
               out_perm: Tensor | None, grad: bool, cacheable: bool, compiling: bool, path: str | None = None) -> Tensor:

@@ -162,21 +162,27 @@ torch.library.register_autograd("kronfact::transposed", _transposed_backward, se
 _transposed_copy = torch.ops.kronfact.transposed.default
 
 
-def _transposer(t: int, rows: int, cols: int, traced: bool) -> Callable[[Tensor], Tensor]:
-    """x (t blocks of rows·cols elements) → every block transposed to (cols, rows), to be reshaped by the caller
-    (a copy when both sides exceed 1: traced, made here; in eager mode, by the caller's reshape)."""
+def _transposer(t: int, rows: int, cols: int, traced: bool, to_gemm: bool = False) -> Callable[[Tensor], Tensor]:
+    """x (t blocks of rows·cols elements) → (t·cols, rows), every block transposed: a copy when both sides exceed 1
+    (traced, with a small side, by kronfact::transposed; else by reshape) — unless the result goes to a GEMM
+    (``to_gemm``), which reads one block's strided view as it is."""
     if min(rows, cols) == 1:
-        return lambda x: x
+        return lambda x: x.reshape(t * cols, rows)
+    if to_gemm and t == 1:
+        return lambda x: x.reshape(rows, cols).T
     if traced and min(rows, cols) < FUSED_TRANSPOSE_MIN_DIM:  # see plans.FUSED_TRANSPOSE_MIN_DIM
-        return lambda x: _transposed_copy(x, rows, cols)
-    return lambda x: x.reshape(t, rows, cols).transpose(1, 2)
+        return lambda x: _transposed_copy(x, rows, cols).view(t * cols, rows)
+    return lambda x: x.reshape(t, rows, cols).transpose(1, 2).reshape(t * cols, rows)
 
 
 def _reverser(t: int, p: int, r: int, q: int) -> Callable[[Tensor], Tensor]:
-    """y (t, p, r, q) → its last three sides reversed, as (t·q, r·p): a copy unless at most one exceeds 1."""
-    if (p > 1) + (r > 1) + (q > 1) <= 1:
-        return lambda y: y.reshape(t * q, r * p)
-    return lambda y: y.reshape(t, p, r, q).permute(0, 3, 2, 1).reshape(t * q, r * p)
+    """y (t·p, r·q) → (t·q, p·r), rows (t, q) and columns (p, r): a copy if :func:`~kronfact.plans.reorder_copies`,
+    else a view (one row: transposed, which the GEMM it goes to reads as it is)."""
+    if q == 1 or p * r == 1:
+        return lambda y: y.reshape(t * q, p * r)
+    if t == 1:
+        return lambda y: y.reshape(p * r, q).T
+    return lambda y: y.reshape(t, p * r, q).transpose(1, 2).reshape(t * q, p * r)
 
 
 def _low_rank(x: Tensor, w1: Tensor, w2: Tensor, bias: Tensor | None) -> Tensor:
@@ -211,11 +217,11 @@ def _build(path: str, t: int, r: int, shape_a: tuple[int, int], shape_b: tuple[i
     # through the (t·m1, m2) view, Inductor indexes it by floor-division and modulo of a symbolic token count, a
     # scalar loop (tiny's Krony-PT 25% MLP at 8 tokens after 1: 3-4× slower than static shapes).
     late = traced and m1 > 1 and p is not None
-    transpose, reverse = _transposer(t, n1, n2, traced), _reverser(t, n2, r, m1)
+    transpose, reverse = _transposer(t, n1, n2, traced, to_gemm=True), _reverser(t, n2, r, m1)
     first, second = gemm(t * n2, n1, r * m1, None), gemm(t * m1, r * n2, m2, None if late else p)
 
     def a_first(x: Tensor, w1: Tensor, w2: Tensor, bias: Tensor | None) -> Tensor:
-        y = first(transpose(x).reshape(t * n2, n1), w1, None)                         # (t·n2, r·m1)
+        y = first(transpose(x), w1, None)                                             # (t·n2, r·m1)
         y = second(reverse(y), w2, None if late else bias).reshape(*x.shape[:-1], out)  # (t·m1, m2)
         return y + bias if late else y
     return a_first
@@ -256,10 +262,11 @@ def kron_matmul(x: Tensor, a: Tensor, b: Tensor, path: str, bias: Tensor | None 
 
 def path_operands(a: Tensor, b: Tensor, path: str) -> tuple[Tensor, Tensor]:
     """The weight matrices of the two GEMMs of ``path`` ("b_first" or "a_first") for a (r, m1, n1), b (r, m2,
-    n2): b_first (n2, r·m2) and (r·n1, m1), a_first (n1, r·m1) and (r·n2, m2). The first is a view, the
-    second a copy when both its sides exceed 1 — what an inference caller keeps between calls."""
+    n2): b_first (n2, r·m2) and (n1·r, m1), a_first (n1, r·m1) and (n2·r, m2). The first is a view, the
+    second a copy when r and n1 (n2) exceed 1, unless the factors are laid out (:meth:`KronLinear.lay_out`) —
+    what an inference caller keeps between calls."""
     r, m1, n1 = a.shape
     _, m2, n2 = b.shape
     if path == "b_first":
-        return b.reshape(r * m2, n2).T, a.permute(0, 2, 1).reshape(r * n1, m1)
-    return a.reshape(r * m1, n1).T, b.permute(0, 2, 1).reshape(r * n2, m2)
+        return b.reshape(r * m2, n2).T, a.permute(2, 0, 1).reshape(n1 * r, m1)
+    return a.reshape(r * m1, n1).T, b.permute(2, 0, 1).reshape(n2 * r, m2)

@@ -40,6 +40,15 @@ _GEMM_FULL_SPEED_DIM = 32
 FUSED_TRANSPOSE_MIN_DIM = 16
 
 
+def reorder_copies(t: int, p: int, r: int, q: int) -> bool:
+    """True if a path's reordering of its first GEMM's output (t, p, r, q) into the second GEMM's input rows (t, q)
+    and columns (p, r) is a copy (A-first: p, q = n2, m1; B-first: n1, m2; the second operand's rows are ordered
+    (p, r) to match). (p, r) stays adjacent, so only t and q can fail to merge: one row (a decoded token) is a
+    transposed view, which the GEMM reads as it is, and q = 1 (e.g. the row A (1, n1) of a balanced
+    down-projection) is no reordering at all."""
+    return t > 1 and q > 1 and p * r > 1
+
+
 @dataclass(frozen=True)
 class Op:
     """One step of a path: a GEMM (m×k)·(k×n), or a copy of ``m`` elements (k = n = 0); ``opaque``: run by one of
@@ -79,17 +88,30 @@ def weight_copy(path: str, rank: int, shape_a: tuple[int, int], shape_b: tuple[i
     (m1, n1), (m2, n2), r = shape_a, shape_b, rank
     if path == "dense":
         return m1 * m2 * n1 * n2
-    if path == "b_first":  # (r, m1, n1) as (r·n1, m1): a view when a side is 1
-        return r * m1 * n1 if min(r, m1, n1) > 1 else 0
-    return r * m2 * n2 if min(r, m2, n2) > 1 else 0
+    if path == "b_first":  # (r, m1, n1) as (n1·r, m1): a view when r or n1 is 1
+        return r * m1 * n1 if min(r, n1) > 1 else 0
+    return r * m2 * n2 if min(r, n2) > 1 else 0
 
 
 def path_ops(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape_b: tuple[int, int],
-             cached: bool = False, traced: bool = False) -> list[Op]:
+             cached: bool = False, traced: bool = False, bias: bool = False) -> list[Op]:
     """The GEMMs and copies of ``path`` for ``tokens`` input rows (mirrors :func:`kronfact.paths.steps`); ``cached``:
     the layer keeps its weights laid out between calls (eval mode, no autograd), else a call builds or copies them;
     ``traced``: in a compiled graph, where the cached dense weight is read by kronfact::cached_call and a
-    transposing copy with a small side is kronfact::transposed (both opaque)."""
+    transposing copy with a small side is kronfact::transposed (both opaque); ``bias``: the layer has one, added by
+    an operation of its own in eager mode when the last GEMM cannot take it (Inductor fuses it with what follows)."""
+    ops = _ops(path, tokens, rank, shape_a, shape_b, cached, traced)
+    (m1, n1), (m2, n2) = shape_a, shape_b
+    # the bias joins the last GEMM when it adds to whole output rows, or to a broadcast product (inner size 1)
+    joins = {"dense": True, "b_first": m2 == 1 or (m1 == 1 and rank * n1 == 1),
+             "a_first": m1 == 1 or rank * n2 == 1}[path]
+    if bias and not traced and not joins:
+        ops.append(Op(tokens * m1 * m2))
+    return ops
+
+
+def _ops(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape_b: tuple[int, int], cached: bool,
+         traced: bool) -> list[Op]:
     (m1, n1), (m2, n2), r, t = shape_a, shape_b, rank, tokens
     if path == "dense":
         build = [] if cached else [Op(m1 * n1, r, m2 * n2), Op(weight_copy(path, r, shape_a, shape_b))]
@@ -98,7 +120,7 @@ def path_ops(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape_
     if path == "b_first":
         ops = [Op(copy)] if copy else []
         ops.append(Op(t * n1, n2, r * m2))
-        if _moves((t, n1, r, m2), (0, 3, 2, 1)):
+        if reorder_copies(t, n1, r, m2):
             ops.append(Op(t * n1 * r * m2))
         ops.append(Op(t * m2, r * n1, m1))
         if _moves((t, m2, m1), (0, 2, 1)):
@@ -106,10 +128,10 @@ def path_ops(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape_
         return ops
     if path == "a_first":
         ops = [Op(copy)] if copy else []
-        if _moves((t, n1, n2), (0, 2, 1)):
+        if t > 1 and _moves((t, n1, n2), (0, 2, 1)):  # one row: the first GEMM reads it transposed, a strided view
             ops.append(Op(t * n1 * n2, opaque=traced and min(n1, n2) < FUSED_TRANSPOSE_MIN_DIM))
         ops.append(Op(t * n2, n1, r * m1))
-        if _moves((t, n2, r, m1), (0, 3, 2, 1)):
+        if reorder_copies(t, n2, r, m1):
             ops.append(Op(t * n2 * r * m1))
         ops.append(Op(t * m1, r * n2, m2))
         return ops
@@ -117,12 +139,13 @@ def path_ops(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape_
 
 
 def path_cost(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape_b: tuple[int, int],
-              *, device_type: str = "cpu", elem_bytes: int = 4, cached: bool = False, traced: bool = False) -> float:
+              *, device_type: str = "cpu", elem_bytes: int = 4, cached: bool = False, traced: bool = False,
+              bias: bool = False) -> float:
     """Estimated time of ``path`` in FLOP units: its ops' roofline costs and fixed costs (``traced``: run from a
     compiled graph) plus, for every intermediate it allocates (all op outputs but the last), the device's allocation
     penalty."""
     balance, alloc, per_op, traced_op = MACHINE.get(device_type, MACHINE["cuda"])
-    ops = path_ops(path, tokens, rank, shape_a, shape_b, cached, traced)
+    ops = path_ops(path, tokens, rank, shape_a, shape_b, cached, traced, bias)
     fresh = sum(op.out_elems for op in ops[:-1]) * elem_bytes
     fixed = sum(per_op if op.opaque or not traced else traced_op for op in ops)
     return sum(op.cost(balance, elem_bytes) for op in ops) + fixed + alloc * fresh * balance
@@ -130,13 +153,14 @@ def path_cost(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape
 
 @functools.lru_cache(maxsize=4096)
 def plan(tokens: int, rank: int, shape_a: tuple[int, int], shape_b: tuple[int, int], *,
-         device_type: str = "cpu", elem_bytes: int = 4, cached: bool = False, traced: bool = False) -> str:
+         device_type: str = "cpu", elem_bytes: int = 4, cached: bool = False, traced: bool = False,
+         bias: bool = False) -> str:
     """The cheapest of ``PATHS`` under :func:`path_cost` (dense wins ties); cached per arguments. Plain
     comparisons, no ``min(key=)``: torch.compile traces it with a symbolic ``tokens`` (dynamic shapes)."""
     best, best_cost = PATHS[0], None
     for path in PATHS:
         cost = path_cost(path, tokens, rank, shape_a, shape_b, device_type=device_type, elem_bytes=elem_bytes,
-                         cached=cached, traced=traced)
+                         cached=cached, traced=traced, bias=bias)
         if best_cost is None or cost < best_cost:
             best, best_cost = path, cost
     return best

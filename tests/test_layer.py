@@ -100,6 +100,26 @@ def test_weight_copy_counts_exactly_the_operands_that_are_not_views(r, m1, n1, m
     assert weight_copy("dense", r, (m1, n1), (m2, n2)) == m1 * m2 * n1 * n2
 
 
+@pytest.mark.parametrize("path", ["a_first", "b_first"])
+@given(case=layer_case(), t=st.integers(1, 3))
+@settings(max_examples=100, deadline=None)
+def test_the_cost_model_charges_exactly_the_copies_a_call_makes(path, case, t):
+    """An inference call on laid-out factors copies exactly where :func:`path_ops` charges a copy (one row's input
+    transpose is a strided view the GEMM reads; a second GEMM's input is reordered only when it must be), and adds
+    the bias by an operation of its own exactly where it charges one."""
+    m1, n1, m2, n2, rank, _, seed, bias = case
+    layer = _layer(m1, n1, m2, n2, rank, bias, torch.float32, path, seed).eval()
+    x = torch.randn(t, n1 * n2)
+    with torch.no_grad():
+        layer(x)  # prepared: operands and steps kept
+        ops = _aten_ops(lambda: layer(x))
+    charged = [op for op in path_ops(path, t, rank, (m1, n1), (m2, n2), cached=True) if not op.k]
+    assert ops.count("clone") == len(charged), (ops, charged)
+    assert "copy_" not in ops
+    adds = len(path_ops(path, t, rank, (m1, n1), (m2, n2), cached=True, bias=bias)) - len(charged) - 2  # 2 GEMMs
+    assert ops.count("add") + ops.count("add_") == adds, (ops, adds)
+
+
 @given(r=st.integers(1, 200), m1=st.integers(1, 600), n1=st.integers(1, 600), m2=st.integers(1, 600),
        n2=st.integers(1, 600), t=st.integers(1, 64))
 @settings(max_examples=200, deadline=None)
@@ -129,7 +149,7 @@ def test_a_layer_whose_eager_plan_is_dense_is_laid_out_for_and_traced_on_its_com
     layer = KronLinear(256, 1024, (2, 256), rank=150).eval()
     assert layer.choose_path(1, cached=True) == "dense"
     assert layer.choose_path(1, cached=True, traced=True) == "a_first"
-    assert KronLinear._laid_out(layer.a, layer.b, "a_first")
+    assert KronLinear._laid_out(layer.a, layer.b)
     torch._dynamo.reset()
     backend = CompileCounterWithBackend("inductor")
     x = torch.randn(1, 1, 256)
@@ -180,10 +200,10 @@ def test_eval_lays_the_factors_out_as_row_major_operands(path, case):
     params = (layer.a, layer.b)  # an optimizer holds these: they must stay the layer's parameters
     layer.eval()
     assert torch.equal(layer.a, twin.a) and torch.equal(layer.b, twin.b)  # values and shapes unchanged
-    if not layer._low_rank:
-        first, second = (layer.a, layer.b) if path == "a_first" else (layer.b, layer.a)
-        for w, factor in zip(path_operands(layer.a, layer.b, path), (first, second), strict=True):
-            assert w.is_contiguous() and w.untyped_storage().data_ptr() == factor.untyped_storage().data_ptr()
+    if not layer._low_rank:  # one layout for both paths, whichever the layer takes
+        for either, factors in (("a_first", (layer.a, layer.b)), ("b_first", (layer.b, layer.a))):
+            for w, factor in zip(path_operands(layer.a, layer.b, either), factors, strict=True):
+                assert w.is_contiguous() and w.untyped_storage().data_ptr() == factor.untyped_storage().data_ptr()
     with torch.no_grad():
         torch.testing.assert_close(layer(x), twin(x), rtol=1e-10, atol=1e-10)
     layer.train()  # training stores the factors contiguous again, same values and parameter objects
