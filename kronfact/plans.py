@@ -51,13 +51,15 @@ def reorder_copies(t: int, p: int, r: int, q: int) -> bool:
 
 @dataclass(frozen=True)
 class Op:
-    """One step of a path: a GEMM (m×k)·(k×n), or a copy of ``m`` elements (k = n = 0); ``opaque``: run by one of
-    kronfact's own operators, with eager mode's fixed cost even in a compiled graph."""
+    """One step of a path: a GEMM (m×k)·(k×n), or a copy (or bias addition) of ``m`` elements (k = n = 0);
+    ``opaque``: run by one of kronfact's own operators, with eager mode's fixed cost even in a compiled graph;
+    ``in_place``: writes into the previous step's output, allocating nothing."""
 
     m: int
     k: int = 0
     n: int = 0
     opaque: bool = False
+    in_place: bool = False
 
     @property
     def flops(self) -> int:
@@ -105,8 +107,8 @@ def path_ops(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape_
     # the bias joins the last GEMM when it adds to whole output rows, or to a broadcast product (inner size 1)
     joins = {"dense": True, "b_first": m2 == 1 or (m1 == 1 and rank * n1 == 1),
              "a_first": m1 == 1 or rank * n2 == 1}[path]
-    if bias and not traced and not joins:
-        ops.append(Op(tokens * m1 * m2))
+    if bias and not traced and not joins:  # A-first adds it into the last GEMM's output, B-first out of place
+        ops.append(Op(tokens * m1 * m2, in_place=path == "a_first"))
     return ops
 
 
@@ -142,11 +144,11 @@ def path_cost(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape
               *, device_type: str = "cpu", elem_bytes: int = 4, cached: bool = False, traced: bool = False,
               bias: bool = False) -> float:
     """Estimated time of ``path`` in FLOP units: its ops' roofline costs and fixed costs (``traced``: run from a
-    compiled graph) plus, for every intermediate it allocates (all op outputs but the last), the device's allocation
-    penalty."""
+    compiled graph) plus, for every intermediate it allocates (all op outputs but the last, none in place), the
+    device's allocation penalty."""
     balance, alloc, per_op, traced_op = MACHINE.get(device_type, MACHINE["cuda"])
     ops = path_ops(path, tokens, rank, shape_a, shape_b, cached, traced, bias)
-    fresh = sum(op.out_elems for op in ops[:-1]) * elem_bytes
+    fresh = sum(op.out_elems for op in [op for op in ops if not op.in_place][:-1]) * elem_bytes
     fixed = sum(per_op if op.opaque or not traced else traced_op for op in ops)
     return sum(op.cost(balance, elem_bytes) for op in ops) + fixed + alloc * fresh * balance
 
