@@ -22,14 +22,14 @@ PATHS: tuple[str, ...] = ("dense", "b_first", "a_first")
 # Per device type: machine balance (FLOPs per byte of memory traffic: ~200 GFLOP/s fp32 GEMM over
 # ~25 GB/s on a 2-core AVX-512 CPU, near 50 on a datacenter GPU), the extra cost of a freshly
 # allocated intermediate, in multiples of writing it once, and the fixed cost of one operation in FLOP
-# units: ~20 µs on CPU (dispatch, a small GEMM's packing, a cold cache: measured per op of the Kronecker
-# paths on one token, 2 loaded cores), ~5 µs on CUDA (a kernel launch); last, that fixed cost in a compiled
-# graph, whose wrapper calls a library GEMM or a fused kernel without eager mode's Python and dispatch: ~5 µs
-# on CPU (tiny-gpt2's balanced MLPs at one token: factored paths beat the cached dense weight once compiled,
-# not in eager mode), a launch on CUDA. On CPU, glibc serves
+# units: ~7 µs on CPU (dispatch, a small GEMM's packing, a cold cache; 20 µs before a call's decisions were
+# taken once per size — re-fitted in tiny-gpt2's decode loop, where its balanced 50% layers' two-GEMM paths
+# beat the cached dense weight: 1.12× the original end to end against 0.95× at 20 µs), ~5 µs on CUDA (a kernel
+# launch); last, that fixed cost in a compiled graph, whose wrapper calls a library GEMM or a fused kernel
+# without eager mode's Python and dispatch: ~5 µs on CPU, a launch on CUDA. On CPU, glibc serves
 # blocks above 32 MB with mmap, and first-touch page faults cost ~6× the write itself (measured here;
 # a caching malloc such as jemalloc or MALLOC_MMAP_THRESHOLD_ removes it); CUDA's caching allocator has none.
-MACHINE = {"cpu": (8.0, 6.0, 4e6, 1e6), "cuda": (50.0, 0.0, 1e8, 1e8)}
+MACHINE = {"cpu": (8.0, 6.0, 1.5e6, 1e6), "cuda": (50.0, 0.0, 1e8, 1e8)}
 # GEMMs whose inner dimension or output width is below this run below peak: charged proportionally.
 # Few rows (a decoded token) are not: such a GEMM streams its weight once and is memory-bound.
 _GEMM_FULL_SPEED_DIM = 32

@@ -140,13 +140,13 @@ def test_a_compiled_graph_plans_with_a_lower_cost_per_operation(r, m1, n1, m2, n
         assert plan(t, *shapes, cached=True, traced=True) != "dense"
 
 
-def test_a_layer_whose_eager_plan_is_dense_is_laid_out_for_and_traced_on_its_compiled_path():
-    """tiny-gpt2's balanced c_fc (A 2×256, B 512×1, rank 150) at one token: the cached dense weight in eager mode,
-    A-first in a compiled graph. eval() lays the factors out for A-first, so the compiled call is traced (no
+def test_a_layer_whose_eager_plan_is_dense_is_laid_out_and_traced_on_its_compiled_path():
+    """tiny-gpt2's balanced c_fc shape (A 2×256, B 512×1) at rank 200, one token: the cached dense weight in eager
+    mode, A-first in a compiled graph. eval() lays the factors out, so the compiled call is traced (no
     kronfact::cached_call) and equals the eager one."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    layer = KronLinear(256, 1024, (2, 256), rank=150).eval()
+    layer = KronLinear(256, 1024, (2, 256), rank=200).eval()
     assert layer.choose_path(1, cached=True) == "dense"
     assert layer.choose_path(1, cached=True, traced=True) == "a_first"
     assert KronLinear._laid_out(layer.a, layer.b)
