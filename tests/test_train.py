@@ -78,7 +78,7 @@ def test_distillation_loss_matches_direct_formula(alpha, temperature, positions,
     expected = (1 - alpha) * ce / n + alpha * temperature**2 * kl / n
     got = float(distillation_loss(s, t, y, alpha, temperature))
     assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
-    assert float(distillation_loss(s, None, y, alpha, temperature)) == pytest.approx(ce / n, rel=1e-4, abs=1e-5)  # float32
+    assert float(distillation_loss(s, None, y, alpha, temperature)) == pytest.approx(ce / n, rel=1e-4, abs=1e-5)
 
 
 def test_hidden_loss_is_zero_on_the_teacher_and_combines_mse_and_cosine():
