@@ -366,9 +366,10 @@ def _keyable(*tensors: Tensor | None) -> bool:
     """True if every tensor can key a cache: it has a version counter (not made in inference mode) and storage (not a
     functorch transform's wrapper, e.g. torch.func.vmap over a layer's parameters)."""
     try:
-        return all(t is None or (t._version, t.data_ptr()) is not None for t in tensors)
+        KronLinear._values_key(*tensors)
     except RuntimeError:
         return False
+    return True
 
 
 def _autocast(x: Tensor) -> bool:

@@ -163,16 +163,18 @@ _transposed_copy = torch.ops.kronfact.transposed.default
 
 
 def _transposer(t: int, rows: int, cols: int, traced: bool, to_gemm: bool = False) -> Callable[[Tensor], Tensor]:
-    """x (t blocks of rows·cols elements) → (t·cols, rows), every block transposed: a copy when both sides exceed 1
-    (traced, with a small side, by kronfact::transposed; else by reshape) — unless the result goes to a GEMM
-    (``to_gemm``), which reads one block's strided view as it is."""
+    """x (t blocks of rows·cols elements) → every block transposed to (cols, rows): the matrix (t·cols, rows) if
+    ``to_gemm`` (it goes to a GEMM, which reads one block's strided view as it is), else in a shape the caller
+    reshapes. A copy when both sides exceed 1 (traced, with a small side, by kronfact::transposed; else by reshape)."""
     if min(rows, cols) == 1:
-        return lambda x: x.reshape(t * cols, rows)
+        return (lambda x: x.reshape(t * cols, rows)) if to_gemm else (lambda x: x)
     if to_gemm and t == 1:
         return lambda x: x.reshape(rows, cols).T
     if traced and min(rows, cols) < FUSED_TRANSPOSE_MIN_DIM:  # see plans.FUSED_TRANSPOSE_MIN_DIM
         return lambda x: _transposed_copy(x, rows, cols).view(t * cols, rows)
-    return lambda x: x.reshape(t, rows, cols).transpose(1, 2).reshape(t * cols, rows)
+    if to_gemm:
+        return lambda x: x.reshape(t, rows, cols).transpose(1, 2).reshape(t * cols, rows)
+    return lambda x: x.reshape(t, rows, cols).transpose(1, 2)  # the caller's reshape copies
 
 
 def _reverser(t: int, p: int, r: int, q: int) -> Callable[[Tensor], Tensor]:
