@@ -3,7 +3,7 @@
 For one input row x (n1·n2,) reshaped to X (n1, n2): (A ⊗ B)·x = vec(A·X·Bᵀ). With the batch folded
 into large GEMMs there are two orders (B-first: X·Bᵀ then A·(…); A-first: A·X then (…)·Bᵀ) besides
 materialise-then-GEMM. :func:`plan` picks the cheapest for a layer and a number of tokens with a
-roofline cost model that counts the FLOPs and the bytes of every GEMM and every layout copy, plus a
+cost model that counts the FLOPs and the bytes of every GEMM and every layout copy, plus a
 fixed cost per operation (what dominates a single decoded token); its answers are cached.
 """
 
@@ -20,16 +20,17 @@ Path = Literal["dense", "b_first", "a_first"]
 PATHS: tuple[str, ...] = ("dense", "b_first", "a_first")
 
 # Per device type: machine balance (FLOPs per byte of memory traffic: ~200 GFLOP/s fp32 GEMM over
-# ~25 GB/s on a 2-core AVX-512 CPU, near 50 on a datacenter GPU), the extra cost of a freshly
-# allocated intermediate, in multiples of writing it once, and the fixed cost of one operation in FLOP
-# units: ~7 µs on CPU (dispatch, a small GEMM's packing, a cold cache; 20 µs before a call's decisions were
-# taken once per size — re-fitted in tiny-gpt2's decode loop, where its balanced 50% layers' two-GEMM paths
-# beat the cached dense weight: 1.12× the original end to end against 0.95× at 20 µs), ~5 µs on CUDA (a kernel
-# launch); last, that fixed cost in a compiled graph, whose wrapper calls a library GEMM or a fused kernel
-# without eager mode's Python and dispatch: ~5 µs on CPU, a launch on CUDA. On CPU, glibc serves
-# blocks above 32 MB with mmap, and first-touch page faults cost ~6× the write itself (measured here;
-# a caching malloc such as jemalloc or MALLOC_MMAP_THRESHOLD_ removes it); CUDA's caching allocator has none.
-MACHINE = {"cpu": (8.0, 6.0, 1.5e6, 1e6), "cuda": (50.0, 0.0, 1e8, 1e8)}
+# ~25 GB/s on a 2-core AVX-512 CPU, near 50 on a datacenter GPU); whether a GEMM overlaps its memory traffic
+# with its compute (a GPU does; on this CPU a few-row GEMM of a weight from DRAM takes the sum: 1024×256 at 8 rows
+# 71 µs, 26 of them compute with the weight in cache, 46 the weight's bytes); the extra cost of a freshly allocated
+# intermediate, in multiples of writing it once; the fixed cost of one operation in FLOP units: ~5 µs on CPU
+# (dispatch, a small GEMM's packing, a cold cache — fitted on tiny-gpt2's MLP matrices at 1 and 8 rows, where the
+# costs of the dense and two-GEMM paths then match their times within 10%), ~5 µs on CUDA (a kernel launch); last,
+# that fixed cost in a compiled graph, where elementwise steps fuse into their neighbours: ~4 µs on CPU, a launch on
+# CUDA. On CPU, glibc serves blocks above 32 MB with mmap, and first-touch page faults cost ~6× the write itself
+# (measured here; a caching malloc such as jemalloc or MALLOC_MMAP_THRESHOLD_ removes it); CUDA's caching allocator
+# has none.
+MACHINE = {"cpu": (8.0, False, 6.0, 1e6, 0.8e6), "cuda": (50.0, True, 0.0, 1e8, 1e8)}
 # GEMMs whose inner dimension or output width is below this run below peak: charged proportionally.
 # Few rows (a decoded token) are not: such a GEMM streams its weight once and is memory-bound.
 _GEMM_FULL_SPEED_DIM = 32
@@ -69,13 +70,15 @@ class Op:
     def out_elems(self) -> int:
         return self.m * self.n if self.k else self.m
 
-    def cost(self, balance: float, elem_bytes: int) -> float:
-        """Estimated time in FLOP units: max(compute, memory), roofline style."""
+    def cost(self, balance: float, elem_bytes: int, overlap: bool = True) -> float:
+        """Estimated time in FLOP units: a copy's memory traffic; a GEMM's compute and memory traffic, the larger of
+        the two if the device ``overlap``s them (roofline), else their sum."""
         if not self.k:  # layout copy: read + write
             return 2 * self.m * elem_bytes * balance
         traffic = (self.m * self.k + self.k * self.n + self.m * self.n) * elem_bytes
         speed = min(1.0, max(1, min(self.k, self.n)) / _GEMM_FULL_SPEED_DIM)
-        return max(self.flops / speed, traffic * balance)
+        compute, memory = self.flops / speed, traffic * balance
+        return max(compute, memory) if overlap else compute + memory
 
 
 def _moves(shape: Sequence[int], order: Sequence[int]) -> bool:
@@ -143,14 +146,14 @@ def _ops(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape_b: t
 def path_cost(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape_b: tuple[int, int],
               *, device_type: str = "cpu", elem_bytes: int = 4, cached: bool = False, traced: bool = False,
               bias: bool = False) -> float:
-    """Estimated time of ``path`` in FLOP units: its ops' roofline costs and fixed costs (``traced``: run from a
+    """Estimated time of ``path`` in FLOP units: its ops' costs and fixed costs (``traced``: run from a
     compiled graph) plus, for every intermediate it allocates (all op outputs but the last, none in place), the
     device's allocation penalty."""
-    balance, alloc, per_op, traced_op = MACHINE.get(device_type, MACHINE["cuda"])
+    balance, overlap, alloc, per_op, traced_op = MACHINE.get(device_type, MACHINE["cuda"])
     ops = path_ops(path, tokens, rank, shape_a, shape_b, cached, traced, bias)
     fresh = sum(op.out_elems for op in [op for op in ops if not op.in_place][:-1]) * elem_bytes
     fixed = sum(per_op if op.opaque or not traced else traced_op for op in ops)
-    return sum(op.cost(balance, elem_bytes) for op in ops) + fixed + alloc * fresh * balance
+    return sum(op.cost(balance, elem_bytes, overlap) for op in ops) + fixed + alloc * fresh * balance
 
 
 @functools.lru_cache(maxsize=4096)

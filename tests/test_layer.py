@@ -167,6 +167,21 @@ def test_planner_prefers_the_cheap_order_and_dense_when_nothing_saves():
     assert plan(4096, 4, (1024, 256), (3, 3), cached=True) == "dense"
 
 
+@given(m=st.integers(256, 4096), n=st.integers(256, 4096), traced=st.booleans(), bias=st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_a_decoded_token_of_a_krony_pt_shape_takes_the_order_with_half_the_flops(m, n, traced, bias):
+    """A (m, n) ⊗ B (1, 2), rank 1, one token: both orders read A once, but A-first multiplies it by two rows of the
+    input and B-first by their weighted sum. On CPU a GEMM's compute adds to its bytes, so B-first costs less (A-first
+    for the mirror B (2, 1)), in eager mode and in a compiled graph; the plan is that order or the dense weight."""
+    kw = {"cached": True, "traced": traced, "bias": bias}
+    assert path_cost("b_first", 1, 1, (m, n), (1, 2), **kw) < path_cost("a_first", 1, 1, (m, n), (1, 2), **kw)
+    assert path_cost("a_first", 1, 1, (m, n), (2, 1), **kw) < path_cost("b_first", 1, 1, (m, n), (2, 1), **kw)
+    assert plan(1, 1, (m, n), (1, 2), **kw) != "a_first" and plan(1, 1, (m, n), (2, 1), **kw) != "b_first"
+    gemm = path_ops("b_first", 1, 1, (m, n), (1, 2), cached=True)[-1]  # (1, n) @ (n, m): compute + bytes on CPU
+    assert gemm.cost(8.0, 4, overlap=False) == gemm.flops + (n + n * m + m) * 4 * 8.0
+    assert gemm.cost(8.0, 4, overlap=True) == max(gemm.flops, (n + n * m + m) * 4 * 8.0)
+
+
 def test_from_linear_to_linear_and_dense_agree():
     linear = nn.Linear(12, 20)
     layer = KronLinear.from_linear(linear, (4, 3), rank=12)  # full rank: exact
