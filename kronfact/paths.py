@@ -29,9 +29,10 @@ from torch import Tensor
 
 from .errors import KronfactError
 from .kron import kron_sum
-from .plans import FUSED_TRANSPOSE_MIN_DIM, PATHS
+from .plans import BROADCAST_MIN_WIDTH, FUSED_TRANSPOSE_MIN_DIM, PATHS
 
 Gemm = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+_COLUMN_SUM_MIN_SIZE = 1 << 16  # elements of x (m, k) from which :func:`_column_sum` beats the GEMV
 Steps = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 
 
@@ -43,6 +44,15 @@ def _mul(x: Tensor, w: Tensor, bias: None) -> Tensor:
     return x * w
 
 
+def _column_sum(x: Tensor, w: Tensor, bias: None) -> Tensor:
+    """x (m, k) @ w (k, 1) as k broadcast products: at many rows MKL's GEMV with 2 or 3 columns is 2–5× slower
+    (1M × 2 rows: 6.4 against 1.4 ms), e.g. B (1, 2)'s first GEMM in B-first and its gradient in A-first."""
+    y = x[:, :1] * w[0]
+    for j in range(1, w.shape[0]):
+        y.addcmul_(x[:, j:j + 1], w[j])
+    return y
+
+
 def _addmm(x: Tensor, w: Tensor, bias: Tensor) -> Tensor:
     return torch.addmm(bias, x, w)
 
@@ -51,16 +61,20 @@ def _addcmul(x: Tensor, w: Tensor, bias: Tensor) -> Tensor:
     return torch.addcmul(bias, x, w)
 
 
-def _gemm(k: int, n: int, p: int | None, traced: bool) -> Gemm:
+def _gemm(m: int, k: int, n: int, p: int | None, traced: bool) -> Gemm:
     """The call computing (m, k) @ (k, n), plus a bias (p,) added to every p consecutive outputs (row-major) if
     ``p`` is not None.
 
-    A broadcast product when k == 1 (BLAS is slow at rank-1 GEMMs), fused with the bias — in eager mode
-    only: Inductor fuses a broadcast product with what follows (e.g. the MLP's activation) into a loop
-    over the product's inner dimension, scalar when that is small (a Krony-PT B of 2×1: 10× slower than
-    the GEMM it replaces), while a GEMM stays a library call and leaves the activation vectorized."""
-    broadcast = k == 1 and not traced
+    A broadcast product when k == 1 and n ≥ BROADCAST_MIN_WIDTH (BLAS is no faster at rank-1 GEMMs, and the product
+    takes the bias; narrower, its inner loop is too short), and a sum of them when
+    n == 1 and k is 2 or 3 over many rows (:func:`_column_sum`) — in eager mode only: Inductor fuses a broadcast
+    product with what follows (e.g. the MLP's activation) into a loop over the product's inner dimension, scalar
+    when that is small (a Krony-PT B of 2×1: 10× slower than the GEMM it replaces), while a GEMM stays a library
+    call and leaves the activation vectorized."""
+    broadcast = k == 1 and n >= BROADCAST_MIN_WIDTH and not traced
     if p is None:
+        if not traced and n == 1 and k in (2, 3) and m * k >= _COLUMN_SUM_MIN_SIZE:
+            return _column_sum
         return _mul if broadcast else _mm
     if p == n:
         return _addcmul if broadcast else _addmm
@@ -77,7 +91,7 @@ def _gemm(k: int, n: int, p: int | None, traced: bool) -> Gemm:
 
 def _product(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (m, k) @ w (k, n) [+ bias] by :func:`_gemm`, decided on the spot (for :class:`_MatMul`'s derivatives)."""
-    return _gemm(x.shape[1], w.shape[1], None if bias is None else bias.numel(), torch.compiler.is_compiling())(
+    return _gemm(*x.shape, w.shape[1], None if bias is None else bias.numel(), torch.compiler.is_compiling())(
         x, w, bias)
 
 
@@ -201,7 +215,7 @@ def _build(path: str, t: int, r: int, shape_a: tuple[int, int], shape_b: tuple[i
         return _low_rank  # A (out, 1) columns ⊗ B (1, in) rows, or the mirror
 
     def gemm(m: int, k: int, n: int, bias_size: int | None) -> Gemm:
-        return _grad_gemm(m, k, n, bias_size, traced) if grad else _gemm(k, n, bias_size, traced)
+        return _grad_gemm(m, k, n, bias_size, traced) if grad else _gemm(m, k, n, bias_size, traced)
 
     if path == "b_first":
         fuse = m2 == 1 or (m1 == 1 and not traced)  # no transpose of the output: the bias goes into the GEMM

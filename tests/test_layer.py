@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -101,13 +102,15 @@ def test_weight_copy_counts_exactly_the_operands_that_are_not_views(r, m1, n1, m
 
 
 @pytest.mark.parametrize("path", ["a_first", "b_first"])
-@given(case=layer_case(), t=st.integers(1, 3))
+@given(case=layer_case(), t=st.integers(1, 3), wide=st.booleans())
 @settings(max_examples=100, deadline=None)
-def test_the_cost_model_charges_exactly_the_copies_a_call_makes(path, case, t):
+def test_the_cost_model_charges_exactly_the_copies_a_call_makes(path, case, t, wide):
     """An inference call on laid-out factors copies exactly where :func:`path_ops` charges a copy (one row's input
     transpose is a strided view the GEMM reads; a second GEMM's input is reordered only when it must be), and adds
-    the bias by an operation of its own exactly where it charges one."""
+    the bias by an operation of its own exactly where it charges one (``wide``: B has ≥ 16 rows, so that a product of
+    inner size 1 can be a broadcast one, which takes the bias)."""
     m1, n1, m2, n2, rank, _, seed, bias = case
+    m2 *= 16 if wide else 1
     layer = _layer(m1, n1, m2, n2, rank, bias, torch.float32, path, seed).eval()
     x = torch.randn(t, n1 * n2)
     with torch.no_grad():
@@ -453,6 +456,34 @@ def test_plain_low_rank_is_exactly_two_gemms(shape_a, bias):
     assert len(gemms) == 2 and not copies
     assert layer.choose_path(10) == ("b_first" if shape_a == (20, 1) else "a_first")
     torch.testing.assert_close(layer(x), x @ layer.to_dense().T + (layer.bias if bias else 0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_gemm_with_one_output_column_over_many_rows_sums_broadcast_columns(k, bias, monkeypatch):
+    """Krony-PT's B (1, k) in B-first (its first GEMM, (t·n1, k) @ (k, 1)) and B (k, 1) in A-first (its input
+    gradient, g (t·m1, k) @ (k, 1)): over ≥ 2¹⁶ elements, k broadcast products; the layer still equals its dense
+    equivalent, output and gradients, with and without autograd."""
+    from kronfact import paths
+
+    calls = []
+    column_sum = paths._column_sum
+    monkeypatch.setattr(paths, "_column_sum", lambda x, w, b: calls.append(tuple(x.shape)) or column_sum(x, w, b))
+    paths._build.cache_clear()
+    torch.manual_seed(0)
+    for shape_a, shape_b, path in (((6, 8), (1, k), "b_first"), ((6, 8), (k, 1), "a_first")):
+        layer = KronLinear(8 * shape_b[1], 6 * shape_b[0], shape_a, bias=bias, dtype=torch.float64, path=path)
+        x = torch.randn(8192, layer.in_features, dtype=torch.float64, requires_grad=True)
+        y = layer(x)
+        dense = F.linear(x, layer.to_dense(), layer.bias)
+        torch.testing.assert_close(y, dense)
+        g = torch.randn_like(y)
+        params = [x, *layer.parameters()]
+        for got, want in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(dense, params, g), strict=True):
+            torch.testing.assert_close(got, want)
+        with torch.no_grad():
+            torch.testing.assert_close(layer.eval()(x), dense)
+    assert (8192 * 8, k) in calls and (8192 * 6, k) in calls  # B-first's first GEMM, A-first's input gradient
 
 
 def test_training_adds_a_bias_spanning_several_rows_in_place():
