@@ -460,19 +460,24 @@ def test_plain_low_rank_is_exactly_two_gemms(shape_a, bias):
 
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("bias", [True, False])
-def test_a_gemm_with_one_output_column_over_many_rows_sums_broadcast_columns(k, bias, monkeypatch):
-    """Krony-PT's B (1, k) in B-first (its first GEMM, (t·n1, k) @ (k, 1)) and B (k, 1) in A-first (its input
-    gradient, g (t·m1, k) @ (k, 1)): over ≥ 2¹⁶ elements, k broadcast products; the layer still equals its dense
-    equivalent, output and gradients, with and without autograd."""
+def test_thin_products_over_many_rows_run_by_columns_and_equal_the_dense_layer(k, bias, monkeypatch):
+    """Krony-PT's B (1, k) and B (k, 1) over many rows: B-first's first GEMM (t·n1, k) @ (k, 1) and A-first's input
+    gradient g (t·m1, k) @ (k, 1) run as sums of k broadcast columns; A-first's last GEMM (t·m1, 1) @ (1, k) and
+    B-first's input gradient, one product per output column. The layer still equals its dense equivalent, output
+    and gradients, with and without autograd, and under torch.func.vmap (where the GEMM runs instead)."""
     from kronfact import paths
 
-    calls = []
-    column_sum = paths._column_sum
-    monkeypatch.setattr(paths, "_column_sum", lambda x, w, b: calls.append(tuple(x.shape)) or column_sum(x, w, b))
+    calls = {"_column_sum": [], "_outer_columns": []}
+
+    def spy(name):
+        run, log = getattr(paths, name), calls[name]
+        return lambda x, w, b: log.append(x.shape) or run(x, w, b)
+    for name in calls:
+        monkeypatch.setattr(paths, name, spy(name))
     paths._build.cache_clear()
     torch.manual_seed(0)
-    for shape_a, shape_b, path in (((6, 8), (1, k), "b_first"), ((6, 8), (k, 1), "a_first")):
-        layer = KronLinear(8 * shape_b[1], 6 * shape_b[0], shape_a, bias=bias, dtype=torch.float64, path=path)
+    for shape_b, path in (((1, k), "b_first"), ((k, 1), "a_first")):
+        layer = KronLinear(8 * shape_b[1], 6 * shape_b[0], (6, 8), bias=bias, dtype=torch.float64, path=path)
         x = torch.randn(8192, layer.in_features, dtype=torch.float64, requires_grad=True)
         y = layer(x)
         dense = F.linear(x, layer.to_dense(), layer.bias)
@@ -483,7 +488,10 @@ def test_a_gemm_with_one_output_column_over_many_rows_sums_broadcast_columns(k, 
             torch.testing.assert_close(got, want)
         with torch.no_grad():
             torch.testing.assert_close(layer.eval()(x), dense)
-    assert (8192 * 8, k) in calls and (8192 * 6, k) in calls  # B-first's first GEMM, A-first's input gradient
+            batched = torch.func.vmap(layer)(x.detach().expand(2, *x.shape))
+        torch.testing.assert_close(batched, dense.detach().expand(2, *dense.shape))
+    assert (8192 * 8, k) in calls["_column_sum"] and (8192 * 6, k) in calls["_column_sum"]
+    assert (8192 * 6, 1) in calls["_outer_columns"] and (8192 * 8, 1) in calls["_outer_columns"]
 
 
 def test_training_adds_a_bias_spanning_several_rows_in_place():
