@@ -7,9 +7,10 @@ the mirror) is exactly two GEMMs with the bias fused into the second.
 A path's decisions (which GEMM call, which reshape is a copy, where the bias goes) depend only on sizes: they are
 taken once per (path, tokens, shapes, bias size, grad mode) by :func:`steps`, whose function then runs only the
 path's tensor operations — a decoded token's call is mostly Python, and this halves it. Without autograd every
-GEMM is a direct call; with it, a GEMM with a size-1 dimension goes through :class:`_MatMul` (BLAS is slow at
-rank-1 products and autograd's own backward would materialise their outer products), and so does one whose bias
-spans several output rows (added in place inside); every other one is a plain autograd op.
+GEMM is a direct call (:func:`_gemm`: thin ones as broadcast products where BLAS is slow); with it, a GEMM with a
+size-1 dimension goes through :class:`_MatMul` (whose backward does the same, and autograd's own would materialise
+outer products), and so does one whose bias spans several output rows (added in place inside); every other one is
+a plain autograd op.
 
 >>> a, b, x = torch.randn(2, 3, 4), torch.randn(2, 5, 6), torch.randn(7, 24)
 >>> w1, w2 = path_operands(a, b, "a_first")
@@ -78,17 +79,18 @@ def _gemm(m: int, k: int, n: int, p: int | None, traced: bool) -> Gemm:
     """The call computing (m, k) @ (k, n), plus a bias (p,) added to every p consecutive outputs (row-major) if
     ``p`` is not None.
 
-    In eager mode, thin products avoid BLAS where it is slow: with k == 1, a broadcast product fused with the bias
-    from BROADCAST_MIN_WIDTH output columns, one product per column below that over many rows
-    (:func:`_outer_columns`); with n == 1 and k of 2 or 3 over many rows, a sum of broadcast products
-    (:func:`_column_sum`). Not in a compiled graph: Inductor fuses a broadcast product with what follows (e.g. the
-    MLP's activation) into a loop over the product's inner dimension, scalar when that is small (a Krony-PT B of 2×1:
-    10× slower than the GEMM it replaces), while a GEMM stays a library call and leaves the activation vectorized."""
+    Thin products avoid BLAS where it is slow. With n == 1 and k of 2 or 3, a sum of broadcast products
+    (:func:`_column_sum`), over many rows in eager mode and always in a compiled graph (one vectorized loop over the
+    rows). In eager mode only, with k == 1, a broadcast product fused with the bias from BROADCAST_MIN_WIDTH output
+    columns, one product per column below that over many rows (:func:`_outer_columns`): traced, Inductor would fuse
+    a broadcast product with what follows (e.g. the MLP's activation) into a loop over the product's inner
+    dimension, scalar when that is small (a Krony-PT B of 2×1: 10× slower than the GEMM it replaces), while a GEMM
+    stays a library call and leaves the activation vectorized."""
     broadcast = k == 1 and n >= BROADCAST_MIN_WIDTH and not traced
     many = not traced and m * max(k, n) >= _THIN_MIN_SIZE
     if k == 1 and not broadcast and many:
         product = _outer_columns
-    elif n == 1 and k in (2, 3) and many:
+    elif n == 1 and k in (2, 3) and (many or traced):
         product = _column_sum
     else:
         product = _mul if broadcast else _mm
@@ -115,7 +117,7 @@ def _product(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
 
 class _MatMul(torch.autograd.Function):
     """x (m, k) @ w (k, n) [+ bias, see :func:`_gemm`] whose backward GEMMs, gx = g·wᵀ and
-    gw = xᵀ·g, also become broadcast products when their inner size is 1 — and never materialise
+    gw = xᵀ·g, also take :func:`_gemm`'s forms for thin products — and never materialise
     autograd's (m, n) temporaries of a broadcast product's backward (a k = 1 product's gradients
     are two GEMVs). The bias is added in place inside, where autograd does not see a view."""
 
@@ -157,9 +159,11 @@ def _grad_gemm(m: int, k: int, n: int, p: int | None, traced: bool) -> Gemm:
     dimension, or the bias spans several output rows (added in place inside, where autograd does not see a view:
     out of place it is a fresh output-sized tensor, in place through a view a full copy in the backward); else
     plain autograd ops (no Python in the backward). Traced, always plain ops (:func:`steps` then adds a
-    several-row bias to the output's final shape)."""
+    several-row bias to the output's final shape), a thin product with one output column as in :func:`_gemm`."""
     if not traced and (1 in (m, k, n) or p not in (None, n)):
         return _MatMul.apply
+    if p is None and n == 1 and k in (2, 3):
+        return _column_sum
     return _mm if p is None else _addmm
 
 

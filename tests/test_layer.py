@@ -269,9 +269,9 @@ def test_autocast_training_step_on_every_path(path, shape):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "autocast"])
 def test_compiles_without_graph_breaks_and_trains(dtype):
-    """fullgraph compile of every path, size-1 factor dims (broadcast-product GEMMs) and small-sided
-    transposes (kept library calls) included, in fp32, bf16 and fp32 under bf16 autocast; the compiled
-    gradients equal eager ones, in every parameter's dtype."""
+    """fullgraph compile of every path, size-1 factor dims (broadcast-product GEMMs, and a (m, 2) @ (2, 1) one as a
+    sum of broadcast columns) and small-sided transposes (kept library calls) included, in fp32, bf16 and fp32 under
+    bf16 autocast; the compiled gradients equal eager ones, in every parameter's dtype."""
     torch._dynamo.reset()
     autocast = dtype == "autocast"
     dtype = torch.float32 if autocast else dtype
@@ -280,6 +280,8 @@ def test_compiles_without_graph_breaks_and_trains(dtype):
         KronLinear(64, 32, (8, 8), 2, path="b_first"), nn.GELU(),
         KronLinear(32, 128, (32, 32), 1, path="a_first"), nn.GELU(),   # B (4, 1)
         KronLinear(128, 32, (32, 32), 1, path="b_first"), nn.GELU(),   # B (1, 4)
+        KronLinear(32, 64, (32, 32), 1, path="a_first"), nn.GELU(),    # B (2, 1)
+        KronLinear(64, 32, (32, 32), 1, path="b_first"), nn.GELU(),    # B (1, 2): a sum of two broadcast columns
         KronLinear(32, 48, (4, 4), 3),
     ).to(dtype)
     x = torch.randn(2, 7, 32, dtype=dtype)
