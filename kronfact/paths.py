@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .errors import KronfactError
 from .kron import kron_sum
-from .plans import BROADCAST_MIN_WIDTH, FUSED_TRANSPOSE_MIN_DIM, PATHS
+from .plans import FUSED_TRANSPOSE_MIN_DIM, PATHS
 
 Gemm = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 _THIN_MIN_SIZE = 1 << 16  # elements of a thin product's larger side from which BLAS loses (:func:`_gemm`)
@@ -55,10 +55,11 @@ def _column_sum(x: Tensor, w: Tensor, bias: None) -> Tensor:
 
 
 def _outer_columns(x: Tensor, w: Tensor, bias: None) -> Tensor:
-    """x (m, 1) @ w (1, n) for a few columns n over many rows, one product per column written into its strided
-    column of the output: as one operation the inner loop runs over the n columns (SmolLM2's Krony-PT gate
-    projection at 512 tokens, (393216, 1) @ (1, 2): 0.38 ms, against 0.62 as a GEMM and 0.72 as a broadcast
-    product). ``out=`` has no batching rule, so under a torch.func transform (vmap, grad) it is the GEMM."""
+    """x (m, 1) @ w (1, 2) over many rows, one product per column written into its strided column of the output: as
+    one operation the inner loop runs over the two columns (SmolLM2's Krony-PT gate projection at 512 tokens,
+    (393216, 1) @ (1, 2): 0.38 ms, against 0.62 as a GEMM and 0.72 as a broadcast product; with more columns, or
+    a bias to add, the single broadcast pass wins). ``out=`` has no batching rule: under a torch.func transform
+    (vmap, grad), the GEMM."""
     if torch._C._are_functorch_transforms_active():
         return torch.mm(x, w)
     out = x.new_empty(x.shape[0], w.shape[1])
@@ -79,22 +80,18 @@ def _gemm(m: int, k: int, n: int, p: int | None, traced: bool) -> Gemm:
     """The call computing (m, k) @ (k, n), plus a bias (p,) added to every p consecutive outputs (row-major) if
     ``p`` is not None.
 
-    Thin products avoid BLAS where it is slow. With n == 1 and k of 2 or 3, a sum of broadcast products
-    (:func:`_column_sum`), over many rows in eager mode and always in a compiled graph (one vectorized loop over the
-    rows). In eager mode only, with k == 1, a broadcast product fused with the bias from BROADCAST_MIN_WIDTH output
-    columns, one product per column below that over many rows (:func:`_outer_columns`): traced, Inductor would fuse
-    a broadcast product with what follows (e.g. the MLP's activation) into a loop over the product's inner
-    dimension, scalar when that is small (a Krony-PT B of 2×1: 10× slower than the GEMM it replaces), while a GEMM
-    stays a library call and leaves the activation vectorized."""
-    broadcast = k == 1 and n >= BROADCAST_MIN_WIDTH and not traced
+    Thin products avoid BLAS where it is slow: with k == 1, a broadcast product, fused with the bias (two columns over
+    many rows, without one: :func:`_outer_columns`); with n == 1 and k of 2 or 3, a sum of broadcast products
+    (:func:`_column_sum`) over many rows. In a compiled graph only the latter, always (one vectorized loop over the
+    rows): Inductor fuses a broadcast product with what follows (e.g. the MLP's activation) into a loop over the
+    product's inner dimension, scalar when that is small (a Krony-PT B of 2×1: 10× slower than the GEMM it
+    replaces), while a GEMM stays a library call and leaves the activation vectorized."""
+    broadcast = k == 1 and not traced
     many = not traced and m * max(k, n) >= _THIN_MIN_SIZE
-    if k == 1 and not broadcast and many:
-        product = _outer_columns
-    elif n == 1 and k in (2, 3) and (many or traced):
-        product = _column_sum
-    else:
-        product = _mul if broadcast else _mm
+    product = _column_sum if n == 1 and k in (2, 3) and (many or traced) else _mm
     if p is None:
+        if broadcast:
+            return _outer_columns if n == 2 and many else _mul
         return product
     if p == n:
         return _addcmul if broadcast else _addmm

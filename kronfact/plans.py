@@ -34,9 +34,6 @@ MACHINE = {"cpu": (8.0, False, 6.0, 1e6, 0.8e6), "cuda": (50.0, True, 0.0, 1e8, 
 # GEMMs whose inner dimension or output width is below this run below peak: charged proportionally.
 # Few rows (a decoded token) are not: such a GEMM streams its weight once and is memory-bound.
 _GEMM_FULL_SPEED_DIM = 32
-# A GEMM with inner size 1 runs as a broadcast product (with the bias) from this many output columns; below, its inner
-# loop is too short and the GEMM is faster ((M, 1)·(1, 8): 2.5×) (:func:`kronfact.paths._gemm`).
-BROADCAST_MIN_WIDTH = 16
 # Under torch.compile, a transposing copy of the layer's input or output with a side below this is kept
 # a library call (kronfact::transposed, :mod:`kronfact.paths`): Inductor would fuse it with the neighbouring
 # elementwise ops (the MLP's activation) into a loop over that small side, scalar — 5–10× slower than the copy
@@ -109,10 +106,10 @@ def path_ops(path: str, tokens: int, rank: int, shape_a: tuple[int, int], shape_
     transposing copy with a small side is kronfact::transposed (both opaque); ``bias``: the layer has one, added by
     an operation of its own in eager mode when the last GEMM cannot take it (Inductor fuses it with what follows)."""
     ops = _ops(path, tokens, rank, shape_a, shape_b, cached, traced)
-    (m1, _), (m2, n2) = shape_a, shape_b
-    # the bias joins the last GEMM when it adds to whole output rows, or to a broadcast product (inner size 1, at least
-    # BROADCAST_MIN_WIDTH columns); else it is added into the GEMM's output — B-first's out of place unless A is a row
-    joins = {"dense": True, "b_first": m2 == 1, "a_first": m1 == 1 or (rank * n2 == 1 and m2 >= BROADCAST_MIN_WIDTH)}
+    (m1, n1), (m2, n2) = shape_a, shape_b
+    # the bias joins the last GEMM when it adds to whole output rows, or to a broadcast product (inner size 1); else it
+    # is added into the GEMM's output — B-first's out of place unless A is a row
+    joins = {"dense": True, "b_first": m2 == 1 or (m1 == 1 and rank * n1 == 1), "a_first": m1 == 1 or rank * n2 == 1}
     if bias and not traced and not joins[path]:
         ops.append(Op(tokens * m1 * m2, in_place=path == "a_first" or m1 == 1))
     return ops
