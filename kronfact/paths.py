@@ -47,7 +47,8 @@ def _mul(x: Tensor, w: Tensor, bias: None) -> Tensor:
 
 def _column_sum(x: Tensor, w: Tensor, bias: None) -> Tensor:
     """x (m, k) @ w (k, 1) as k broadcast products: at many rows MKL's GEMV with 2 or 3 columns is 2–5× slower
-    (1M × 2 rows: 6.4 against 1.4 ms), e.g. B (1, 2)'s first GEMM in B-first and its gradient in A-first."""
+    (1M × 2 rows: 6.4 against 1.4 ms): B (1, 2)'s first GEMM in B-first, the input gradient of B (2, 1)'s last in
+    A-first."""
     y = x[:, :1] * w[0]
     for j in range(1, w.shape[0]):
         y.addcmul_(x[:, j:j + 1], w[j])

@@ -25,7 +25,7 @@ PATHS: tuple[str, ...] = ("dense", "b_first", "a_first")
 # 71 µs, 26 of them compute with the weight in cache, 46 the weight's bytes); the extra cost of a freshly allocated
 # intermediate, in multiples of writing it once; the fixed cost of one operation in FLOP units: ~5 µs on CPU
 # (dispatch, a small GEMM's packing, a cold cache — fitted on tiny-gpt2's MLP matrices at 1 and 8 rows, where the
-# costs of the dense and two-GEMM paths then match their times within 10%), ~5 µs on CUDA (a kernel launch); last,
+# costs of the dense and two-GEMM paths then match their times within 15%), ~5 µs on CUDA (a kernel launch); last,
 # that fixed cost in a compiled graph, where elementwise steps fuse into their neighbours: ~4 µs on CPU, a launch on
 # CUDA. On CPU, glibc serves blocks above 32 MB with mmap, and first-touch page faults cost ~6× the write itself
 # (measured here; a caching malloc such as jemalloc or MALLOC_MMAP_THRESHOLD_ removes it); CUDA's caching allocator
