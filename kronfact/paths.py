@@ -59,9 +59,10 @@ def _outer_columns(x: Tensor, w: Tensor, bias: None) -> Tensor:
     """x (m, 1) @ w (1, 2) over many rows, one product per column written into its strided column of the output: as
     one operation the inner loop runs over the two columns (SmolLM2's Krony-PT gate projection at 512 tokens,
     (393216, 1) @ (1, 2): 0.38 ms, against 0.62 as a GEMM and 0.72 as a broadcast product; with more columns, or
-    a bias to add, the single broadcast pass wins). ``out=`` has no batching rule: under a torch.func transform
-    (vmap, grad), the GEMM."""
-    if torch._C._are_functorch_transforms_active():
+    a bias to add, the single broadcast pass wins). ``out=`` is not differentiable and has no batching rule: when
+    autograd records (a double backward, forward-mode AD) or under a torch.func transform, the GEMM."""
+    recorded = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    if recorded or torch._C._are_functorch_transforms_active():
         return torch.mm(x, w)
     out = x.new_empty(x.shape[0], w.shape[1])
     for j in range(w.shape[1]):

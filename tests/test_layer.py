@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -460,12 +461,12 @@ def test_plain_low_rank_is_exactly_two_gemms(shape_a, bias):
 
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("bias", [True, False])
-def test_thin_products_over_many_rows_run_by_columns_and_equal_the_dense_layer(k, bias, monkeypatch):
+def test_thin_products_over_many_rows_run_by_columns_and_equal_the_dense_layer(k, bias, monkeypatch, request):
     """Krony-PT's B (1, k) and B (k, 1) over many rows: B-first's first GEMM (t·n1, k) @ (k, 1) and A-first's input
     gradient g (t·m1, k) @ (k, 1) run as sums of k broadcast columns; with k = 2, B-first's input gradient
     (t·n1, 1) @ (1, 2) and A-first's last GEMM without a bias, one product per output column. The layer still equals
-    its dense equivalent, output and gradients, with and without autograd, and under torch.func.vmap (where the
-    GEMM runs instead of the latter)."""
+    its dense equivalent — output, gradients, second derivatives and forward-mode derivatives (where autograd
+    records, the latter is the GEMM), with and without autograd, and under torch.func.vmap (the GEMM too)."""
     from kronfact import paths
 
     calls = {"_column_sum": [], "_outer_columns": []}
@@ -476,8 +477,9 @@ def test_thin_products_over_many_rows_run_by_columns_and_equal_the_dense_layer(k
     for name in calls:
         monkeypatch.setattr(paths, name, spy(name))
     paths._build.cache_clear()
+    request.addfinalizer(paths._build.cache_clear)  # no kept steps call the spies later
     torch.manual_seed(0)
-    for shape_b, path in (((1, k), "b_first"), ((k, 1), "a_first")):
+    for shape_b, path in (((1, k), "b_first"), ((k, 1), "a_first"), ((1, k), "a_first")):
         layer = KronLinear(8 * shape_b[1], 6 * shape_b[0], (6, 8), bias=bias, dtype=torch.float64, path=path)
         x = torch.randn(8192, layer.in_features, dtype=torch.float64, requires_grad=True)
         y = layer(x)
@@ -487,13 +489,22 @@ def test_thin_products_over_many_rows_run_by_columns_and_equal_the_dense_layer(k
         params = [x, *layer.parameters()]
         for got, want in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(dense, params, g), strict=True):
             torch.testing.assert_close(got, want)
+        outs = layer(x), F.linear(x, layer.to_dense(), layer.bias)  # afresh: the first graphs are freed
+        (gx,), (gx_dense,) = (torch.autograd.grad(out.square().sum(), x, create_graph=True) for out in outs)
+        for got, want in zip(torch.autograd.grad(gx, params, g[:, :1].expand_as(x)),
+                             torch.autograd.grad(gx_dense, params, g[:, :1].expand_as(x)), strict=True):
+            torch.testing.assert_close(got, want)
+        with fwAD.dual_level():
+            tangent = torch.randn_like(x)
+            got = fwAD.unpack_dual(layer(fwAD.make_dual(x.detach(), tangent))).tangent
+        torch.testing.assert_close(got, tangent @ layer.to_dense().detach().T)
         with torch.no_grad():
             torch.testing.assert_close(layer.eval()(x), dense)
             batched = torch.func.vmap(layer)(x.detach().expand(2, *x.shape))
         torch.testing.assert_close(batched, dense.detach().expand(2, *dense.shape))
     assert (8192 * 8, k) in calls["_column_sum"] and (8192 * 6, k) in calls["_column_sum"]
     assert ((8192 * 8, 1) in calls["_outer_columns"]) == (k == 2)
-    assert ((8192 * 6, 1) in calls["_outer_columns"]) == (k == 2 and not bias)
+    assert ((8192 * 6, 1) in calls["_outer_columns"]) == (k == 2)  # A-first's: its input gradient with B (1, 2)
 
 
 def test_training_adds_a_bias_spanning_several_rows_in_place():
