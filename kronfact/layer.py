@@ -225,7 +225,7 @@ class KronLinear(nn.Module):
                 p = self._parameters.get(name)
                 if p is None:  # replaced by an attribute (torch.nn.utils.prune), rebuilt per call
                     continue
-                p.data = p.permute(_LAYOUT).contiguous().permute(1, 2, 0)
+                p.data = p.permute(_LAYOUT).contiguous().permute(*(_LAYOUT.index(d) for d in range(3)))
         return self
 
     def choose_path(self, tokens: int, cached: bool = False, traced: bool | None = None) -> str:

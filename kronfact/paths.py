@@ -157,13 +157,12 @@ def _grad_gemm(m: int, k: int, n: int, p: int | None, traced: bool) -> Gemm:
     """:func:`_gemm` under autograd: :class:`_MatMul` when a GEMM of the forward or the backward has a size-1
     dimension, or the bias spans several output rows (added in place inside, where autograd does not see a view:
     out of place it is a fresh output-sized tensor, in place through a view a full copy in the backward); else
-    plain autograd ops (no Python in the backward). Traced, always plain ops (:func:`steps` then adds a
-    several-row bias to the output's final shape), a thin product with one output column as in :func:`_gemm`."""
+    plain autograd ops (no Python in the backward): :func:`_gemm`'s, which has no size-1 dimension to special-case
+    here but a traced thin product with one output column. Traced, always plain ops (:func:`steps` then adds a
+    several-row bias to the output's final shape)."""
     if not traced and (1 in (m, k, n) or p not in (None, n)):
         return _MatMul.apply
-    if p is None and n == 1 and k in (2, 3):
-        return _column_sum
-    return _mm if p is None else _addmm
+    return _gemm(m, k, n, p, traced)
 
 
 # kronfact's operators (kronfact::transposed here, kronfact::cached_call in compiled.py), defined directly:
