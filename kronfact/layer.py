@@ -27,6 +27,9 @@ ORIENTATIONS: tuple[str, ...] = ("linear", "conv1d")
 # operand of both Kronecker paths (:func:`kronfact.paths.path_operands`) a row-major view: a factor stored as (n, r, m)
 # reads as (n, r·m), a first GEMM's operand, and as (n·r, m), a second's.
 _LAYOUT = (2, 0, 1)
+# Input sizes (tokens) for which a layer keeps its plan and its prepared inference call, the oldest dropped first: a
+# server that sees every prompt length stays bounded, and a rebuilt entry is cheap (plans and steps are cached too).
+_SIZES_KEPT = 256
 
 
 class KronLinear(nn.Module):
@@ -319,14 +322,16 @@ class KronLinear(nn.Module):
         if compiling:  # traced once per specialisation: no cache
             return self.choose_path(x.numel() // self.in_features)
         key = (x.numel() // self.in_features, x.dtype, x.device, cacheable)
-        return self._plans.get(key) or self._plans.setdefault(key, self.choose_path(key[0], cacheable))
+        path = self._plans.get(key)
+        return path if path is not None else _keep(self._plans, key, self.choose_path(key[0], cacheable))
 
     def _infer(self, x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
         """An inference call (eval mode, no autograd, not traced) without permutations or autocast. What it runs for
         the input's size — the planned path's steps (:func:`kronfact.paths.steps`) and GEMM operands, or the cached
-        dense weight — is kept while the factors, the forced path and the bias's presence are unchanged, so that a
-        decoded token runs little Python besides the path's tensor operations (tiny-gpt2's Krony-PT 50% MLP matrices
-        inside a decode loop: 95–98 → 74–75 and 74–77 → 56–60 µs a call; the original's Conv1D, 63–69 and 67–73)."""
+        dense weight — is kept (for the last :data:`_SIZES_KEPT` sizes) while the factors, the forced path and the
+        bias's presence are unchanged, so that a decoded token runs little Python besides the path's tensor operations
+        (tiny-gpt2's Krony-PT 50% MLP matrices inside a decode loop: 95–98 → 74–75 and 74–77 → 56–60 µs a call; the
+        original's Conv1D, 63–69 and 67–73)."""
         try:
             values = (a._version, b._version, a.data_ptr(), b.data_ptr(), self.path, bias is None)
         except RuntimeError:  # factors that cannot key a cache (see _keyable): every call builds what it runs
@@ -343,7 +348,7 @@ class KronLinear(nn.Module):
             else:
                 entry = (steps(path, size // self.in_features, self.rank, self.shape_a, self.shape_b,
                                None if bias is None else bias.numel(), False), *self._cached_operands(a, b, path))
-            cache[1][size] = entry
+            _keep(cache[1], size, entry)
         run, w1, w2 = entry
         return F.linear(x, w1, bias) if run is None else run(x, w1, w2, bias)
 
@@ -353,6 +358,14 @@ class KronLinear(nn.Module):
                 f"bias={self.bias is not None}" + ("" if self.path == "auto" else f", path={self.path!r}")
                 + ("" if self.orientation == "linear" else f", orientation={self.orientation!r}")
                 + "".join(f", {name}=True" for name in ("in_perm", "out_perm") if getattr(self, name) is not None))
+
+
+def _keep(cache: dict, key, value):
+    """``cache[key] = value``, first dropping the oldest entry if ``cache`` holds :data:`_SIZES_KEPT`; ``value``."""
+    if len(cache) >= _SIZES_KEPT:
+        del cache[next(iter(cache))]
+    cache[key] = value
+    return value
 
 
 def _pinned(*tensors: Tensor | None) -> tuple[Tensor, ...]:

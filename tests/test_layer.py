@@ -637,6 +637,27 @@ def test_torch_prune_on_a_factor_or_the_bias(name):
     assert (getattr(layer, name) == 0).sum() == getattr(layer, name).numel() // 2
 
 
+def test_a_layer_keeps_plans_and_prepared_calls_for_a_bounded_number_of_input_sizes(monkeypatch):
+    """A server sees every prompt length: the per-size plans and prepared inference calls stay bounded (the oldest
+    dropped first), every call still gives the layer's function, and a recent size is served from the cache."""
+    from kronfact import layer as layer_module
+
+    monkeypatch.setattr(layer_module, "_SIZES_KEPT", 8)
+    layer = KronLinear(12, 20, (4, 3), rank=2).eval()
+    planned = []
+    choose = layer.choose_path
+    monkeypatch.setattr(layer, "choose_path", lambda *a, **k: planned.append(a[0]) or choose(*a, **k))
+    with torch.no_grad():
+        for tokens in range(1, 30):
+            x = torch.randn(tokens, 12)
+            torch.testing.assert_close(layer(x), x @ layer.to_dense().T + layer.bias, rtol=1e-5, atol=1e-5)
+            assert len(layer._plans) <= 8 and len(layer._inference[1]) <= 8
+        assert planned == list(range(1, 30))
+        layer(torch.randn(29, 12))  # kept: no new plan
+        layer(torch.randn(1, 12))  # dropped long ago: planned again
+    assert planned[-1] == 1 and len(planned) == 30
+
+
 def test_plan_cache_follows_token_count_grad_mode_and_forced_path():
     """Plans are cached per (tokens, dtype, device, grad mode); a forced path overrides the cache."""
     layer = KronLinear(768, 3072, (768, 768), rank=1).eval()  # Krony-PT 81M c_fc: A-first pays at any size
