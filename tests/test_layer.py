@@ -507,6 +507,39 @@ def test_thin_products_over_many_rows_run_by_columns_and_equal_the_dense_layer(k
     assert ((8192 * 6, 1) in calls["_outer_columns"]) == (k == 2)  # A-first's: its input gradient with B (1, 2)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_rank_one_expansion_over_many_rows_is_one_gemm_without_a_bias(bias, monkeypatch, request):
+    """A-first's last GEMM for B (4, 1) — Krony-PT 81M's up-projection shape — is (t·m1, 1) @ (1, 4): over many rows
+    without a bias one GEMM (faster there than the broadcast product), with a bias the broadcast product it fuses
+    into, and at one token the broadcast product; the layer equals its dense equivalent, output and gradients."""
+    from kronfact import paths
+
+    calls = {"_mm": [], "_mul": []}
+
+    def spy(name):
+        run, log = getattr(paths, name), calls[name]
+        return lambda x, w, b: log.append(tuple(x.shape) + tuple(w.shape)) or run(x, w, b)
+    for name in calls:
+        monkeypatch.setattr(paths, name, spy(name))
+    paths._build.cache_clear()
+    request.addfinalizer(paths._build.cache_clear)
+    torch.manual_seed(0)
+    layer = KronLinear(8, 24, (6, 8), bias=bias, dtype=torch.float64, path="a_first")  # B (4, 1)
+    for tokens in (8192, 1):
+        x = torch.randn(tokens, 8, dtype=torch.float64, requires_grad=True)
+        y, dense = layer(x), F.linear(x, layer.to_dense(), layer.bias)
+        torch.testing.assert_close(y, dense)
+        g = torch.randn_like(y)
+        params = [x, *layer.parameters()]
+        for got, want in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(dense, params, g), strict=True):
+            torch.testing.assert_close(got, want)
+        with torch.no_grad():
+            torch.testing.assert_close(layer.eval()(x), dense)
+        layer.train()
+    assert ((8192 * 6, 1, 1, 4) in calls["_mm"]) == (not bias) and (6, 1, 1, 4) not in calls["_mm"]
+    assert ((6, 1, 1, 4) in calls["_mul"]) == (not bias)  # with a bias: the broadcast product fused with it
+
+
 def test_training_adds_a_bias_spanning_several_rows_in_place():
     """A-first's last GEMM yields (t·m1, m2) rows; the bias (m1·m2,) spans m1 of them. Under autograd it is added
     in place (no output-sized temporary in the forward, no full-gradient copy in the backward)."""
