@@ -30,14 +30,9 @@ from torch import Tensor
 
 from .errors import KronfactError
 from .kron import kron_sum
-from .plans import FUSED_TRANSPOSE_MIN_DIM, PATHS
+from .plans import FUSED_TRANSPOSE_MIN_DIM, PATHS, THIN_MIN_SIZE, broadcasts
 
 Gemm = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
-_THIN_MIN_SIZE = 1 << 16  # elements of a thin product's larger side from which BLAS loses (:func:`_gemm`)
-# A rank-1 product (m, 1) @ (1, n) with this many columns, over _THIN_MIN_SIZE to _OUTER_GEMM_MAX_SIZE output elements,
-# runs faster as MKL's GEMM than as the broadcast product (:func:`_gemm`)
-_OUTER_GEMM_COLUMNS = range(3, 13)
-_OUTER_GEMM_MAX_SIZE = 1 << 23
 Steps = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 
 
@@ -87,21 +82,18 @@ def _gemm(m: int, k: int, n: int, p: int | None, traced: bool) -> Gemm:
     ``p`` is not None.
 
     Thin products avoid BLAS where it is slow: with k == 1, a broadcast product, fused with the bias (over many rows
-    without one: two columns by :func:`_outer_columns`; 3–12 columns up to 8M outputs as the GEMM after all, there
-    0.55–0.75× the broadcast's time: SmolLM2's Krony-PT 25% gate/up expansion, (196608, 1) @ (1, 4), 0.48 against
-    0.81 ms with cold caches; with 16 columns, or 50 MB outputs, the broadcast wins); with n == 1 and k of 2 or 3, a
-    sum of broadcast products (:func:`_column_sum`) over many rows. In a compiled graph only the latter, always (one
+    without one, two columns by :func:`_outer_columns`), except where the GEMM wins after all
+    (:func:`~kronfact.plans.broadcasts`); with n == 1 and k of 2 or 3, a sum of broadcast products
+    (:func:`_column_sum`) over many rows. In a compiled graph only the latter, always (one
     vectorized loop over the rows): Inductor fuses a broadcast product with what follows (e.g. the MLP's activation)
     into a loop over the product's inner dimension, scalar when that is small (a Krony-PT B of 2×1: 10× slower than
     the GEMM it replaces), while a GEMM stays a library call and leaves the activation vectorized."""
-    broadcast = k == 1 and not traced
-    many = not traced and m * max(k, n) >= _THIN_MIN_SIZE
+    many = not traced and m * max(k, n) >= THIN_MIN_SIZE
+    broadcast = k == 1 and broadcasts(m, n, traced)
     product = _column_sum if n == 1 and k in (2, 3) and (many or traced) else _mm
     if p is None:
-        if broadcast and many and n == 2:
-            return _outer_columns
-        if broadcast and not (many and n in _OUTER_GEMM_COLUMNS and m * n < _OUTER_GEMM_MAX_SIZE):
-            return _mul
+        if broadcast:
+            return _outer_columns if n == 2 and many else _mul
         return product
     if p == n:
         return _addcmul if broadcast else _addmm

@@ -1,5 +1,7 @@
 """KronLinear equals its dense equivalent on every path; the planner; compile; bad input."""
 
+import functools
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -508,10 +510,10 @@ def test_thin_products_over_many_rows_run_by_columns_and_equal_the_dense_layer(k
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_a_rank_one_expansion_over_many_rows_is_one_gemm_without_a_bias(bias, monkeypatch, request):
+def test_a_rank_one_expansion_over_many_rows_is_one_gemm(bias, monkeypatch, request):
     """A-first's last GEMM for B (4, 1) — Krony-PT 81M's up-projection shape — is (t·m1, 1) @ (1, 4): over many rows
-    without a bias one GEMM (faster there than the broadcast product), with a bias the broadcast product it fuses
-    into, and at one token the broadcast product; the layer equals its dense equivalent, output and gradients."""
+    one GEMM (faster there than the broadcast product, the bias then added in place), at one token the broadcast
+    product (with a bias, fused into it); the layer equals its dense equivalent, output and gradients."""
     from kronfact import paths
 
     calls = {"_mm": [], "_mul": []}
@@ -535,8 +537,11 @@ def test_a_rank_one_expansion_over_many_rows_is_one_gemm_without_a_bias(bias, mo
             torch.testing.assert_close(got, want)
         with torch.no_grad():
             torch.testing.assert_close(layer.eval()(x), dense)
+            ops = _aten_ops(functools.partial(layer, x))
+        adds = len(path_ops("a_first", tokens, 1, (6, 8), (4, 1), cached=True, bias=bias)) - 2  # 2 GEMMs
+        assert ops.count("add") + ops.count("add_") == adds  # the cost model charges the bias where it is added
         layer.train()
-    assert ((8192 * 6, 1, 1, 4) in calls["_mm"]) == (not bias) and (6, 1, 1, 4) not in calls["_mm"]
+    assert (8192 * 6, 1, 1, 4) in calls["_mm"] and (6, 1, 1, 4) not in calls["_mm"]
     assert ((6, 1, 1, 4) in calls["_mul"]) == (not bias)  # with a bias: the broadcast product fused with it
 
 
