@@ -27,7 +27,7 @@ ORIENTATIONS: tuple[str, ...] = ("linear", "conv1d")
 # operand of both Kronecker paths (:func:`kronfact.paths.path_operands`) a row-major view: a factor stored as (n, r, m)
 # reads as (n, r·m), a first GEMM's operand, and as (n·r, m), a second's.
 _LAYOUT = (2, 0, 1)
-# Input sizes (tokens) for which a layer keeps its plan and its prepared inference call, the oldest dropped first: a
+# Input sizes for which a layer keeps its plans and its prepared inference calls, the earliest added dropped first: a
 # server that sees every prompt length stays bounded, and a rebuilt entry is cheap (plans and steps are cached too).
 _SIZES_KEPT = 256
 
@@ -328,10 +328,10 @@ class KronLinear(nn.Module):
     def _infer(self, x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
         """An inference call (eval mode, no autograd, not traced) without permutations or autocast. What it runs for
         the input's size — the planned path's steps (:func:`kronfact.paths.steps`) and GEMM operands, or the cached
-        dense weight — is kept (for the last :data:`_SIZES_KEPT` sizes) while the factors, the forced path and the
-        bias's presence are unchanged, so that a decoded token runs little Python besides the path's tensor operations
-        (tiny-gpt2's Krony-PT 50% MLP matrices inside a decode loop: 95–98 → 74–75 and 74–77 → 56–60 µs a call; the
-        original's Conv1D, 63–69 and 67–73)."""
+        dense weight — is kept (for the :data:`_SIZES_KEPT` sizes prepared last) while the factors, the forced path and
+        the bias's presence are unchanged, so that a decoded token runs little Python besides the path's tensor
+        operations (tiny-gpt2's Krony-PT 50% MLP matrices inside a decode loop: 95–98 → 74–75 and 74–77 → 56–60 µs a
+        call; the original's Conv1D, 63–69 and 67–73)."""
         try:
             values = (a._version, b._version, a.data_ptr(), b.data_ptr(), self.path, bias is None)
         except RuntimeError:  # factors that cannot key a cache (see _keyable): every call builds what it runs
@@ -361,9 +361,10 @@ class KronLinear(nn.Module):
 
 
 def _keep(cache: dict, key, value):
-    """``cache[key] = value``, first dropping the oldest entry if ``cache`` holds :data:`_SIZES_KEPT`; ``value``."""
+    """``cache[key] = value``, first dropping the earliest added entry if ``cache`` holds :data:`_SIZES_KEPT`;
+    ``value``. Two threads sharing a full cache may both drop the same entry: the second finds nothing to drop."""
     if len(cache) >= _SIZES_KEPT:
-        del cache[next(iter(cache))]
+        cache.pop(next(iter(cache), None), None)
     cache[key] = value
     return value
 

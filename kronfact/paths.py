@@ -57,8 +57,8 @@ def _column_sum(x: Tensor, w: Tensor, bias: None) -> Tensor:
 def _outer_columns(x: Tensor, w: Tensor, bias: None) -> Tensor:
     """x (m, 1) @ w (1, 2) over many rows, one product per column written into its strided column of the output: as
     one operation the inner loop runs over the two columns (SmolLM2's Krony-PT gate projection at 512 tokens,
-    (393216, 1) @ (1, 2): 0.38 ms, against 0.62 as a GEMM and 0.72 as a broadcast product; with more columns, or
-    a bias to add, the single broadcast pass wins). ``out=`` is not differentiable and has no batching rule: when
+    (393216, 1) @ (1, 2): 0.38 ms, against 0.62 as a GEMM and 0.72 as a broadcast product; with more columns,
+    :func:`~kronfact.plans.broadcasts` decides). ``out=`` is not differentiable and has no batching rule: when
     autograd records (a double backward, forward-mode AD) or under a torch.func transform, the GEMM."""
     recorded = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
     if recorded or torch._C._are_functorch_transforms_active():
@@ -84,8 +84,8 @@ def _gemm(m: int, k: int, n: int, p: int | None, traced: bool) -> Gemm:
     Thin products avoid BLAS where it is slow: with k == 1, a broadcast product, fused with the bias (over many rows
     without one, two columns by :func:`_outer_columns`), except where the GEMM wins after all
     (:func:`~kronfact.plans.broadcasts`); with n == 1 and k of 2 or 3, a sum of broadcast products
-    (:func:`_column_sum`) over many rows. In a compiled graph only the latter, always (one
-    vectorized loop over the rows): Inductor fuses a broadcast product with what follows (e.g. the MLP's activation)
+    (:func:`_column_sum`) over many rows. In a compiled graph only the latter, always (one vectorized loop over the
+    rows): Inductor fuses a broadcast product with what follows (e.g. the MLP's activation)
     into a loop over the product's inner dimension, scalar when that is small (a Krony-PT B of 2×1: 10× slower than
     the GEMM it replaces), while a GEMM stays a library call and leaves the activation vectorized."""
     many = not traced and m * max(k, n) >= THIN_MIN_SIZE

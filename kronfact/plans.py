@@ -50,7 +50,8 @@ def broadcasts(m: int, n: int, traced: bool) -> bool:
     takes a bias in the same pass; false in a compiled graph, and in eager mode over many rows with 3–8 columns up to
     4M outputs, where MKL's GEMM, and a bias added apart, take 0.6–0.8× its time (cold caches: SmolLM2's Krony-PT 25%
     gate/up expansion (196608, 1) @ (1, 4) 0.48 against 0.81 ms; tiny-gpt2's c_fc at 2048 tokens with its bias, 1.7
-    against 2.9 ms; with 12–16 columns, or 6–50M outputs, the broadcast wins)."""
+    against 2.9 ms). The broadcast wins with 16 columns, at 50M outputs, and with a bias at 6M outputs and 8–12
+    columns: the bounds keep the GEMM where it won with a bias and without."""
     return not traced and not (m * n >= THIN_MIN_SIZE and n in _OUTER_GEMM_COLUMNS and m * n < _OUTER_GEMM_MAX_SIZE)
 
 

@@ -511,9 +511,11 @@ def test_thin_products_over_many_rows_run_by_columns_and_equal_the_dense_layer(k
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_rank_one_expansion_over_many_rows_is_one_gemm(bias, monkeypatch, request):
-    """A-first's last GEMM for B (4, 1) — Krony-PT 81M's up-projection shape — is (t·m1, 1) @ (1, 4): over many rows
-    one GEMM (faster there than the broadcast product, the bias then added in place), at one token the broadcast
-    product (with a bias, fused into it); the layer equals its dense equivalent, output and gradients."""
+    """B (4, 1) — Krony-PT 81M's up-projection shape — makes A-first's last GEMM (t·m1, 1) @ (1, 4) and B-first's first
+    (t·n1, 1) @ (1, 4): over many rows one GEMM (faster there than the broadcast product, a bias then added apart), at
+    one token the broadcast product (A-first's with a bias fused into it). The layer equals its dense equivalent —
+    output, gradients, second and forward-mode derivatives, under vmap — and the cost model charges the bias addition
+    where a call makes it."""
     from kronfact import paths
 
     calls = {"_mm": [], "_mul": []}
@@ -526,23 +528,33 @@ def test_a_rank_one_expansion_over_many_rows_is_one_gemm(bias, monkeypatch, requ
     paths._build.cache_clear()
     request.addfinalizer(paths._build.cache_clear)
     torch.manual_seed(0)
-    layer = KronLinear(8, 24, (6, 8), bias=bias, dtype=torch.float64, path="a_first")  # B (4, 1)
-    for tokens in (8192, 1):
-        x = torch.randn(tokens, 8, dtype=torch.float64, requires_grad=True)
-        y, dense = layer(x), F.linear(x, layer.to_dense(), layer.bias)
-        torch.testing.assert_close(y, dense)
-        g = torch.randn_like(y)
-        params = [x, *layer.parameters()]
-        for got, want in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(dense, params, g), strict=True):
-            torch.testing.assert_close(got, want)
-        with torch.no_grad():
-            torch.testing.assert_close(layer.eval()(x), dense)
-            ops = _aten_ops(functools.partial(layer, x))
-        adds = len(path_ops("a_first", tokens, 1, (6, 8), (4, 1), cached=True, bias=bias)) - 2  # 2 GEMMs
-        assert ops.count("add") + ops.count("add_") == adds  # the cost model charges the bias where it is added
-        layer.train()
-    assert (8192 * 6, 1, 1, 4) in calls["_mm"] and (6, 1, 1, 4) not in calls["_mm"]
-    assert ((6, 1, 1, 4) in calls["_mul"]) == (not bias)  # with a bias: the broadcast product fused with it
+    for path, rows in (("a_first", 6), ("b_first", 8)):
+        layer = KronLinear(8, 24, (6, 8), bias=bias, dtype=torch.float64, path=path)  # B (4, 1)
+        for tokens in (8192, 1):
+            x = torch.randn(tokens, 8, dtype=torch.float64, requires_grad=True)
+            y, dense = layer(x), F.linear(x, layer.to_dense(), layer.bias)
+            torch.testing.assert_close(y, dense)
+            g = torch.randn_like(y)
+            params = [x, *layer.parameters()]
+            for got, want in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(dense, params, g), strict=True):
+                torch.testing.assert_close(got, want)
+            (gx,), (gx_dense,) = (torch.autograd.grad(out.square().sum(), x, create_graph=True)
+                                  for out in (layer(x), F.linear(x, layer.to_dense(), layer.bias)))
+            torch.testing.assert_close(torch.autograd.grad(gx.sum(), layer.a)[0],
+                                       torch.autograd.grad(gx_dense.sum(), layer.a)[0])
+            with fwAD.dual_level():
+                tangent = torch.randn_like(x)
+                got = fwAD.unpack_dual(layer(fwAD.make_dual(x.detach(), tangent))).tangent
+            torch.testing.assert_close(got, tangent @ layer.to_dense().detach().T)
+            with torch.no_grad():
+                torch.testing.assert_close(layer.eval()(x), dense)
+                torch.testing.assert_close(torch.func.vmap(layer)(x.expand(2, *x.shape)), dense.expand(2, *dense.shape))
+                ops = _aten_ops(functools.partial(layer, x))
+            charged = [len(path_ops(path, tokens, 1, (6, 8), (4, 1), cached=True, bias=b)) for b in (bias, False)]
+            assert ops.count("add") + ops.count("add_") == charged[0] - charged[1]
+            layer.train()
+        assert (8192 * rows, 1, 1, 4) in calls["_mm"] and (rows, 1, 1, 4) not in calls["_mm"]
+    assert (6, 1, 1, 4) in calls["_mul"] and (8, 1, 1, 4) in calls["_mul"]  # one token: the broadcast product
 
 
 def test_training_adds_a_bias_spanning_several_rows_in_place():
@@ -676,8 +688,8 @@ def test_torch_prune_on_a_factor_or_the_bias(name):
 
 
 def test_a_layer_keeps_plans_and_prepared_calls_for_a_bounded_number_of_input_sizes(monkeypatch):
-    """A server sees every prompt length: the per-size plans and prepared inference calls stay bounded (the oldest
-    dropped first), every call still gives the layer's function, and a recent size is served from the cache."""
+    """A server sees every prompt length: the per-size plans and prepared inference calls stay bounded (the earliest
+    added dropped first), every call still gives the layer's function, and a recent size is served from the cache."""
     from kronfact import layer as layer_module
 
     monkeypatch.setattr(layer_module, "_SIZES_KEPT", 8)
@@ -691,6 +703,8 @@ def test_a_layer_keeps_plans_and_prepared_calls_for_a_bounded_number_of_input_si
             torch.testing.assert_close(layer(x), x @ layer.to_dense().T + layer.bias, rtol=1e-5, atol=1e-5)
             assert len(layer._plans) <= 8 and len(layer._inference[1]) <= 8
         assert planned == list(range(1, 30))
+        assert [key[0] for key in layer._plans] == list(range(22, 30))  # the earliest added were dropped
+        assert list(layer._inference[1]) == [12 * tokens for tokens in range(22, 30)]
         layer(torch.randn(29, 12))  # kept: no new plan
         layer(torch.randn(1, 12))  # dropped long ago: planned again
     assert planned[-1] == 1 and len(planned) == 30
