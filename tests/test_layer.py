@@ -8,7 +8,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
+from torch import Tensor, nn
 
 import kronfact
 from kronfact.kron import kron_sum
@@ -461,6 +461,47 @@ def test_plain_low_rank_is_exactly_two_gemms(shape_a, bias):
     torch.testing.assert_close(layer(x), x @ layer.to_dense().T + (layer.bias if bias else 0), rtol=1e-5, atol=1e-5)
 
 
+def _spy_on_products(monkeypatch, request, *names: str) -> dict[str, list[tuple[int, ...]]]:
+    """Record the shapes (x's, then w's) each of these GEMM forms of :mod:`kronfact.paths` is called with; steps
+    built before are dropped, and so are the ones built here, after the test."""
+    from kronfact import paths
+
+    calls = {name: [] for name in names}
+
+    def spy(name):
+        run, log = getattr(paths, name), calls[name]
+        return lambda x, w, b: log.append(tuple(x.shape) + tuple(w.shape)) or run(x, w, b)
+    for name in names:
+        monkeypatch.setattr(paths, name, spy(name))
+    paths._build.cache_clear()
+    request.addfinalizer(paths._build.cache_clear)  # no kept steps call the spies later
+    return calls
+
+
+def _check_equals_dense(layer: KronLinear, x: Tensor) -> None:
+    """The layer equals its dense equivalent on x (requires_grad): output, gradients of x and every parameter, second
+    derivatives, forward-mode derivatives, and without autograd in eval mode, also under torch.func.vmap."""
+    y, dense = layer(x), F.linear(x, layer.to_dense(), layer.bias)
+    torch.testing.assert_close(y, dense)
+    g = torch.randn_like(y)
+    params = [x, *layer.parameters()]
+    for got, want in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(dense, params, g), strict=True):
+        torch.testing.assert_close(got, want)
+    outs = layer(x), F.linear(x, layer.to_dense(), layer.bias)  # afresh: the first graphs are freed
+    (gx,), (gx_dense,) = (torch.autograd.grad(out.square().sum(), x, create_graph=True) for out in outs)
+    for got, want in zip(torch.autograd.grad(gx, params, g[:, :1].expand_as(x)),
+                         torch.autograd.grad(gx_dense, params, g[:, :1].expand_as(x)), strict=True):
+        torch.testing.assert_close(got, want)
+    with fwAD.dual_level():
+        tangent = torch.randn_like(x)
+        got = fwAD.unpack_dual(layer(fwAD.make_dual(x.detach(), tangent))).tangent
+    torch.testing.assert_close(got, tangent @ layer.to_dense().detach().T)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x), dense)
+        batched = torch.func.vmap(layer)(x.detach().expand(2, *x.shape))
+    torch.testing.assert_close(batched, dense.detach().expand(2, *dense.shape))
+
+
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("bias", [True, False])
 def test_thin_products_over_many_rows_run_by_columns_and_equal_the_dense_layer(k, bias, monkeypatch, request):
@@ -469,90 +510,33 @@ def test_thin_products_over_many_rows_run_by_columns_and_equal_the_dense_layer(k
     (t·n1, 1) @ (1, 2) and A-first's last GEMM without a bias, one product per output column. The layer still equals
     its dense equivalent — output, gradients, second derivatives and forward-mode derivatives (where autograd
     records, the latter is the GEMM), with and without autograd, and under torch.func.vmap (the GEMM too)."""
-    from kronfact import paths
-
-    calls = {"_column_sum": [], "_outer_columns": []}
-
-    def spy(name):
-        run, log = getattr(paths, name), calls[name]
-        return lambda x, w, b: log.append(x.shape) or run(x, w, b)
-    for name in calls:
-        monkeypatch.setattr(paths, name, spy(name))
-    paths._build.cache_clear()
-    request.addfinalizer(paths._build.cache_clear)  # no kept steps call the spies later
+    calls = _spy_on_products(monkeypatch, request, "_column_sum", "_outer_columns")
     torch.manual_seed(0)
     for shape_b, path in (((1, k), "b_first"), ((k, 1), "a_first"), ((1, k), "a_first")):
         layer = KronLinear(8 * shape_b[1], 6 * shape_b[0], (6, 8), bias=bias, dtype=torch.float64, path=path)
-        x = torch.randn(8192, layer.in_features, dtype=torch.float64, requires_grad=True)
-        y = layer(x)
-        dense = F.linear(x, layer.to_dense(), layer.bias)
-        torch.testing.assert_close(y, dense)
-        g = torch.randn_like(y)
-        params = [x, *layer.parameters()]
-        for got, want in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(dense, params, g), strict=True):
-            torch.testing.assert_close(got, want)
-        outs = layer(x), F.linear(x, layer.to_dense(), layer.bias)  # afresh: the first graphs are freed
-        (gx,), (gx_dense,) = (torch.autograd.grad(out.square().sum(), x, create_graph=True) for out in outs)
-        for got, want in zip(torch.autograd.grad(gx, params, g[:, :1].expand_as(x)),
-                             torch.autograd.grad(gx_dense, params, g[:, :1].expand_as(x)), strict=True):
-            torch.testing.assert_close(got, want)
-        with fwAD.dual_level():
-            tangent = torch.randn_like(x)
-            got = fwAD.unpack_dual(layer(fwAD.make_dual(x.detach(), tangent))).tangent
-        torch.testing.assert_close(got, tangent @ layer.to_dense().detach().T)
-        with torch.no_grad():
-            torch.testing.assert_close(layer.eval()(x), dense)
-            batched = torch.func.vmap(layer)(x.detach().expand(2, *x.shape))
-        torch.testing.assert_close(batched, dense.detach().expand(2, *dense.shape))
-    assert (8192 * 8, k) in calls["_column_sum"] and (8192 * 6, k) in calls["_column_sum"]
-    assert ((8192 * 8, 1) in calls["_outer_columns"]) == (k == 2)
-    assert ((8192 * 6, 1) in calls["_outer_columns"]) == (k == 2)  # A-first's: its input gradient with B (1, 2)
+        _check_equals_dense(layer, torch.randn(8192, layer.in_features, dtype=torch.float64, requires_grad=True))
+    assert (8192 * 8, k, k, 1) in calls["_column_sum"] and (8192 * 6, k, k, 1) in calls["_column_sum"]
+    assert ((8192 * 8, 1, 1, k) in calls["_outer_columns"]) == (k == 2)
+    assert ((8192 * 6, 1, 1, k) in calls["_outer_columns"]) == (k == 2)  # A-first's: its input gradient with B (1, 2)
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_rank_one_expansion_over_many_rows_is_one_gemm(bias, monkeypatch, request):
     """B (4, 1) — Krony-PT 81M's up-projection shape — makes A-first's last GEMM (t·m1, 1) @ (1, 4) and B-first's first
     (t·n1, 1) @ (1, 4): over many rows one GEMM (faster there than the broadcast product, a bias then added apart), at
-    one token the broadcast product (A-first's with a bias fused into it). The layer equals its dense equivalent —
-    output, gradients, second and forward-mode derivatives, under vmap — and the cost model charges the bias addition
-    where a call makes it."""
-    from kronfact import paths
-
-    calls = {"_mm": [], "_mul": []}
-
-    def spy(name):
-        run, log = getattr(paths, name), calls[name]
-        return lambda x, w, b: log.append(tuple(x.shape) + tuple(w.shape)) or run(x, w, b)
-    for name in calls:
-        monkeypatch.setattr(paths, name, spy(name))
-    paths._build.cache_clear()
-    request.addfinalizer(paths._build.cache_clear)
+    one token the broadcast product (A-first's with a bias fused into it). The layer equals its dense equivalent in
+    every mode, and the cost model charges the bias addition where a call makes it."""
+    calls = _spy_on_products(monkeypatch, request, "_mm", "_mul")
     torch.manual_seed(0)
     for path, rows in (("a_first", 6), ("b_first", 8)):
         layer = KronLinear(8, 24, (6, 8), bias=bias, dtype=torch.float64, path=path)  # B (4, 1)
         for tokens in (8192, 1):
             x = torch.randn(tokens, 8, dtype=torch.float64, requires_grad=True)
-            y, dense = layer(x), F.linear(x, layer.to_dense(), layer.bias)
-            torch.testing.assert_close(y, dense)
-            g = torch.randn_like(y)
-            params = [x, *layer.parameters()]
-            for got, want in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(dense, params, g), strict=True):
-                torch.testing.assert_close(got, want)
-            (gx,), (gx_dense,) = (torch.autograd.grad(out.square().sum(), x, create_graph=True)
-                                  for out in (layer(x), F.linear(x, layer.to_dense(), layer.bias)))
-            torch.testing.assert_close(torch.autograd.grad(gx.sum(), layer.a)[0],
-                                       torch.autograd.grad(gx_dense.sum(), layer.a)[0])
-            with fwAD.dual_level():
-                tangent = torch.randn_like(x)
-                got = fwAD.unpack_dual(layer(fwAD.make_dual(x.detach(), tangent))).tangent
-            torch.testing.assert_close(got, tangent @ layer.to_dense().detach().T)
+            _check_equals_dense(layer.train(), x)
             with torch.no_grad():
-                torch.testing.assert_close(layer.eval()(x), dense)
-                torch.testing.assert_close(torch.func.vmap(layer)(x.expand(2, *x.shape)), dense.expand(2, *dense.shape))
                 ops = _aten_ops(functools.partial(layer, x))
             charged = [len(path_ops(path, tokens, 1, (6, 8), (4, 1), cached=True, bias=b)) for b in (bias, False)]
             assert ops.count("add") + ops.count("add_") == charged[0] - charged[1]
-            layer.train()
         assert (8192 * rows, 1, 1, 4) in calls["_mm"] and (rows, 1, 1, 4) not in calls["_mm"]
     assert (6, 1, 1, 4) in calls["_mul"] and (8, 1, 1, 4) in calls["_mul"]  # one token: the broadcast product
 
