@@ -85,9 +85,9 @@ def _gemm(m: int, k: int, n: int, p: int | None, traced: bool) -> Gemm:
     without one, two columns by :func:`_outer_columns`), except where the GEMM wins after all
     (:func:`~kronfact.plans.broadcasts`); with n == 1 and k of 2 or 3, a sum of broadcast products
     (:func:`_column_sum`) over many rows. In a compiled graph only the latter, always (one vectorized loop over the
-    rows): Inductor fuses a broadcast product with what follows (e.g. the MLP's activation)
-    into a loop over the product's inner dimension, scalar when that is small (a Krony-PT B of 2×1: 10× slower than
-    the GEMM it replaces), while a GEMM stays a library call and leaves the activation vectorized."""
+    rows): Inductor fuses a broadcast product with what follows (e.g. the MLP's activation) into a loop over the
+    product's inner dimension, scalar when that is small (a Krony-PT B of 2×1: 10× slower than the GEMM it
+    replaces), while a GEMM stays a library call and leaves the activation vectorized."""
     many = not traced and m * max(k, n) >= THIN_MIN_SIZE
     broadcast = k == 1 and broadcasts(m, n, traced)
     product = _column_sum if n == 1 and k in (2, 3) and (many or traced) else _mm
